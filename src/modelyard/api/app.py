@@ -1,0 +1,82 @@
+"""``create_app``: the one place the HTTP application is wired."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from modelyard import __version__
+from modelyard.api.admin import AdminController
+from modelyard.api.openai import OpenAIController
+from modelyard.api.problems import exception_handlers
+from modelyard.api.v2 import V2Controller
+from modelyard.core.plugins import PluginHost
+from modelyard.core.service import InferenceService
+from modelyard.core.settings import Settings
+
+__all__ = ["create_app", "load_plugins"]
+
+
+def load_plugins() -> PluginHost:
+    """A PluginHost with every ``modelyard`` entry point loaded (first-party ones included)."""
+    host = PluginHost()
+    host.load_entry_points()
+    return host
+
+
+def _openapi() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="modelyard",
+        version=__version__,
+        path="/schema",
+        components=Components(
+            security_schemes={
+                "apiKey": SecurityScheme(
+                    type="http", scheme="bearer", description="A modelyard API key (my_...)"
+                ),
+                "jwt": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+            }
+        ),
+        security=[{"apiKey": []}, {"jwt": []}],
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    plugins: PluginHost | None = None,
+    service: InferenceService | None = None,
+) -> Litestar:
+    """Build the Litestar app; models load in its lifespan, in the background."""
+    host = plugins if plugins is not None else load_plugins()
+    core = service if service is not None else InferenceService(settings, host)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.stop()
+
+    def provide_service() -> InferenceService:
+        return core
+
+    app_state: dict[str, Any] = {"service": core}
+    return Litestar(
+        route_handlers=[OpenAIController, V2Controller, AdminController],
+        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+        exception_handlers=exception_handlers,
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=_openapi(),
+        lifespan=[lifespan],
+        state=State(app_state),
+        debug=False,
+    )

@@ -1,0 +1,356 @@
+"""OpenAI-compatible routes: translate the wire format to core requests and back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.response import Stream
+
+from modelyard.api.wire import model_headers
+from modelyard.core.errors import BadRequestError, ModelyardError
+from modelyard.core.registry import ModelVersion
+from modelyard.core.service import InferenceService
+from modelyard.core.types import (
+    ChatMessage,
+    ChatRequest,
+    ClassificationRequest,
+    ClassificationResult,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationParams,
+    GenerationResult,
+    StreamChunk,
+)
+
+__all__ = ["OpenAIController"]
+
+
+# -- wire types (lenient: clients send fields we ignore) -----------------------------------
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class WireMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+
+class ChatCompletionBody(_Sampling, kw_only=True):
+    messages: list[WireMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+class EmbeddingBody(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ClassifyBody(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[str]
+    top_k: int | None = None
+
+
+# -- translation ---------------------------------------------------------------------------
+
+
+def _params(body: _Sampling, max_tokens: int | None) -> GenerationParams:
+    if body.n != 1:
+        raise BadRequestError("only n=1 is supported")
+    if body.logprobs:
+        raise BadRequestError("logprobs are not supported")
+    stop: tuple[str, ...] = ()
+    if isinstance(body.stop, str):
+        stop = (body.stop,)
+    elif body.stop:
+        stop = tuple(body.stop)
+    bias = None
+    if body.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise BadRequestError("logit_bias keys must be token ids") from None
+    raw = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": body.top_k,
+        "seed": body.seed,
+        "stop": stop,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "logit_bias": bias,
+    }
+    try:
+        return msgspec.convert(raw, GenerationParams)
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(f"invalid sampling parameter: {exc}") from None
+
+
+def _message_text(message: WireMessage, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise BadRequestError(f"messages[{index}]: content part type {part.type!r} is not supported")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _encode_embedding(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+class _SSE:
+    """Formats OpenAI stream chunks as server-sent events ending in ``data: [DONE]``."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str, include_usage: bool) -> None:
+        self.kind = kind
+        self.model = model
+        self.include_usage = include_usage
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _event(self, payload: dict[str, Any]) -> bytes:
+        return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+    def _choice(self, chunk: StreamChunk, first: bool) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"content": chunk.text} if chunk.text or first else {}
+            if first:
+                delta["role"] = "assistant"
+            return {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}
+        return {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": None}
+
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        payload: dict[str, Any] = {
+            "id": self.id, "object": obj, "created": self.created, "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            payload["usage"] = usage
+        return self._event(payload)
+
+    async def events(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
+        first = True
+        usage = None
+        try:
+            async for chunk in chunks:
+                if chunk.finish_reason is not None:
+                    usage = _usage(chunk.prompt_tokens or 0, chunk.completion_tokens or 0)
+                if chunk.text or chunk.finish_reason is not None or first:
+                    yield self._frame([self._choice(chunk, first)])
+                    first = False
+        except asyncio.CancelledError:
+            raise
+        except ModelyardError as exc:
+            yield self._event({"error": {"message": exc.detail, "type": exc.type_slug,
+                                         "code": exc.status_code}})
+        except Exception:  # noqa: BLE001 - the stream is already 200; report in-band
+            yield self._event({"error": {"message": "backend failed mid-stream",
+                                         "type": "backend-error", "code": 500}})
+        else:
+            if self.include_usage and usage is not None:
+                yield self._frame([], usage)
+        yield b"data: [DONE]\n\n"
+
+
+def _stream_response(
+    sse: _SSE, version: ModelVersion, chunks: AsyncIterator[StreamChunk]
+) -> Stream:
+    headers = {**model_headers(version), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Stream(sse.events(chunks), media_type="text/event-stream", headers=headers)
+
+
+# -- routes --------------------------------------------------------------------------------
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["OpenAI"]
+
+    @get("/models")
+    async def list_models(self, service: InferenceService) -> dict[str, Any]:
+        """Models that can answer now (their active version serving)."""
+        data = []
+        for entry in service.registry:
+            active = entry.active
+            if active is None or not active.serving:
+                continue
+            data.append({
+                "id": entry.name, "object": "model", "created": int(service.started_wall),
+                "owned_by": "modelyard", "version": active.version,
+                "task": active.task.value if active.task else None,
+                "backend": active.spec.backend.name,
+            })
+        return {"object": "list", "data": data}
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(
+        self, data: ChatCompletionBody, service: InferenceService
+    ) -> Response[Any] | Stream:
+        """Chat with a model using its chat template; ``stream: true`` answers with SSE."""
+        if not data.messages:
+            raise BadRequestError("messages must not be empty")
+        messages = tuple(
+            ChatMessage(m.role, _message_text(m, i)) for i, m in enumerate(data.messages)
+        )
+        request = ChatRequest(messages, _params(data, data.max_completion_tokens or data.max_tokens))
+        if data.stream:
+            version, chunks = await service.stream(data.model, request)
+            include = bool(data.stream_options and data.stream_options.include_usage)
+            return _stream_response(_SSE("chat", version.name, include), version, chunks)
+        version, result = await service.infer(data.model, request)
+        assert isinstance(result, GenerationResult)
+        body = {
+            "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
+            "created": int(time.time()), "model": version.name,
+            "system_fingerprint": f"{version.name}:{version.version}",
+            "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason, "logprobs": None,
+            }],
+            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        }
+        return Response(body, headers=model_headers(version))
+
+    @post("/completions", status_code=200)
+    async def completions(
+        self, data: CompletionBody, service: InferenceService
+    ) -> Response[Any] | Stream:
+        """Raw text completion; a list of prompts gives one choice per prompt."""
+        prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+        if not prompts:
+            raise BadRequestError("prompt must not be empty")
+        params = _params(data, data.max_tokens if data.max_tokens is not None else 16)
+        if data.stream:
+            if len(prompts) != 1:
+                raise BadRequestError("streaming takes a single prompt")
+            version, chunks = await service.stream(data.model, CompletionRequest(prompts[0], params))
+            include = bool(data.stream_options and data.stream_options.include_usage)
+            return _stream_response(_SSE("text", version.name, include), version, chunks)
+        answers = await asyncio.gather(
+            *(service.infer(data.model, CompletionRequest(p, params)) for p in prompts)
+        )
+        version = answers[0][0]
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, (_, result) in enumerate(answers):
+            assert isinstance(result, GenerationResult)
+            text = (prompts[i] + result.text) if data.echo else result.text
+            choices.append({"index": i, "text": text, "finish_reason": result.finish_reason,
+                            "logprobs": None})
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+        body = {
+            "id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion",
+            "created": int(time.time()), "model": version.name,
+            "system_fingerprint": f"{version.name}:{version.version}",
+            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
+        }
+        return Response(body, headers=model_headers(version))
+
+    @post("/embeddings", status_code=200)
+    async def embeddings(self, data: EmbeddingBody, service: InferenceService) -> Response[Any]:
+        """Embed one text or a list of texts (``encoding_format`` float or base64)."""
+        if isinstance(data.input, str):
+            texts = [data.input]
+        elif all(isinstance(x, str) for x in data.input):
+            texts = list(data.input)  # type: ignore[arg-type]
+        else:
+            raise BadRequestError("input must be text; token-id arrays are not supported")
+        if not texts:
+            raise BadRequestError("input must not be empty")
+        version, result = await service.infer(data.model, EmbeddingRequest(tuple(texts)))
+        assert isinstance(result, EmbeddingResult)
+        if data.dimensions is not None and result.embeddings and data.dimensions != len(result.embeddings[0]):
+            raise BadRequestError(
+                f"model {version.name!r} has {len(result.embeddings[0])} dimensions, not {data.dimensions}"
+            )
+        body = {
+            "object": "list", "model": version.name,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode_embedding(v, data.encoding_format)}
+                for i, v in enumerate(result.embeddings)
+            ],
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens,
+                      "truncated_inputs": result.truncated_inputs},
+        }
+        return Response(body, headers=model_headers(version))
+
+    @post("/classify", status_code=200)
+    async def classify(self, data: ClassifyBody, service: InferenceService) -> Response[Any]:
+        """Classify texts: labels with softmax scores, best first (modelyard extension)."""
+        texts = [data.input] if isinstance(data.input, str) else data.input
+        if not texts:
+            raise BadRequestError("input must not be empty")
+        version, result = await service.infer(
+            data.model, ClassificationRequest(tuple(texts), top_k=data.top_k)
+        )
+        assert isinstance(result, ClassificationResult)
+        body = {
+            "object": "list", "model": version.name,
+            "data": [
+                {"index": i, "labels": [{"label": lb.label, "score": lb.score} for lb in labels]}
+                for i, labels in enumerate(result.labels)
+            ],
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+        return Response(body, headers=model_headers(version))
+
+    @get("/plugins")
+    async def plugins(self, service: InferenceService) -> dict[str, Any]:
+        """Every plugin found: loaded, skipped or failed (with the error text)."""
+        return {"plugins": [msgspec.to_builtins(r) for r in service.plugins.records]}

@@ -1,0 +1,3 @@
+"""Cache tiers and keys."""
+
+__all__: list[str] = []

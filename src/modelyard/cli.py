@@ -1,0 +1,230 @@
+"""The ``modelyard`` command line (click)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from modelyard import __version__
+from modelyard.core.errors import ConfigError, ModelyardError
+from modelyard.core.plugins import PluginHost
+from modelyard.core.settings import Settings, load_settings, resolve_models
+
+__all__ = ["main"]
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _plugins() -> PluginHost:
+    host = PluginHost()
+    host.load_entry_points()
+    return host
+
+
+def _settings(config: str | None, host: PluginHost) -> tuple[Settings, bool]:
+    """The config file's settings, or the demo's when none is given."""
+    path = config or os.environ.get("MODELYARD_CONFIG")
+    if path:
+        settings = load_settings(path)
+        resolve_models(settings, host.backends)
+        return settings, False
+    from modelyard.demo import demo_settings  # noqa: PLC0415
+
+    settings, skipped = demo_settings(set(host.backends))
+    for line in skipped:
+        console.print(f"[yellow]demo: skipping {line}[/yellow]")
+    return settings, True
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelyard")
+def cli() -> None:
+    """modelyard: several inference runtimes behind one API."""
+
+
+@cli.command()
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="TOML config file (default: the demo models).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8000).")
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
+    """Serve the models of CONFIG (or the demo models) over HTTP."""
+    import uvicorn  # noqa: PLC0415
+
+    from modelyard.api.app import create_app  # noqa: PLC0415
+
+    plugins = _plugins()
+    try:
+        settings, is_demo = _settings(config, plugins)
+    except ModelyardError as exc:
+        _fail(exc.detail)
+    server = settings.server
+    server = msgspec.structs.replace(
+        server,
+        host=host or server.host,
+        port=server.port if port is None else port,
+        log_level=log_level or server.log_level,
+    )
+    settings = msgspec.structs.replace(settings, server=server)
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if is_demo:
+        prepare_demo_models(settings)
+    app = create_app(settings, plugins=plugins)
+    console.print(f"modelyard {__version__} on http://{server.host}:{server.port}", highlight=False)
+    uvicorn.run(
+        app, host=server.host, port=server.port, log_level=server.log_level,
+        timeout_graceful_shutdown=int(server.shutdown_grace_s), access_log=False,
+    )
+
+
+def prepare_demo_models(settings: Settings) -> None:
+    """Prepare every demo model in the foreground with a progress display (cached after)."""
+    from modelyard.core.sources import resolve_source  # noqa: PLC0415
+    from modelyard.core.service import InferenceService  # noqa: PLC0415
+
+    cache_dir = InferenceService.default_cache_dir(settings)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        for model in settings.models:
+            task = bar.add_task(f"{model.name}: checking", total=100)
+
+            def report(phase: str, percent: float, task: Any = task, name: str = model.name) -> None:
+                bar.update(task, description=f"{name}: {phase}", completed=percent)
+
+            try:
+                resolve_source(model.source, cache_dir, report)
+            except ModelyardError as exc:
+                bar.update(task, description=f"{model.name}: [red]{exc.detail}[/red]")
+                continue
+            bar.update(task, description=f"{model.name}: ready", completed=100)
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_cmd(as_json: bool) -> None:
+    """List plugins: loaded, skipped, or failed with the error."""
+    host = _plugins()
+    if as_json:
+        click.echo(msgspec.json.encode([msgspec.to_builtins(r) for r in host.records]).decode())
+        return
+    table = Table("plugin", "status", "source", "provides", "error")
+    for r in host.records:
+        provides = ", ".join(
+            [f"backend:{b}" for b in r.backends] + [f"auth:{a}" for a in r.auth_providers]
+            + [f"cache:{c}" for c in r.cache_tiers]
+        )
+        table.add_row(r.name, r.status, f"{r.source} {r.version}".strip(), provides, r.error)
+    out.print(table)
+
+
+@cli.group("models", invoke_without_command=True)
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--url", help="Ask a running server (e.g. http://127.0.0.1:8000) for live states.")
+@click.pass_context
+def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
+    """List models (configured, or live from a server with --url)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if url:
+        import httpx  # noqa: PLC0415
+
+        try:
+            response = httpx.get(url.rstrip("/") + "/admin/models", timeout=10)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            _fail(f"cannot reach {url}: {exc}")
+        rows = [v for m in response.json()["models"] for v in m["versions"]]
+        table = Table("model", "version", "backend", "task", "state", "progress", "details")
+        for v in rows:
+            details = v.get("error") or ", ".join(f"{k}={val}" for k, val in v["parameters"].items())
+            table.add_row(v["name"], v["version"], v["backend"], v["task"] or "", v["state"] or "",
+                          f"{v['progress']:.0f}%", details)
+        out.print(table)
+        return
+    host = _plugins()
+    try:
+        settings, _ = _settings(config, host)
+        specs = resolve_models(settings, host.backends)
+    except ModelyardError as exc:
+        _fail(exc.detail)
+    table = Table("model", "version", "backend", "task", "active", "source")
+    for s in specs:
+        table.add_row(s.name, s.version, s.backend.name, s.task.value if s.task else "(detect)",
+                      "yes" if s.active else "", s.source)
+    out.print(table)
+
+
+@models_cmd.command("export")
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--task", required=True, type=click.Choice(["embeddings", "classification", "text-generation", "tensor"]))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 quantisation.")
+def export_cmd(src_dir: Path, task: str, out_dir: Path, quantize: str | None) -> None:
+    """Export a Hugging Face model directory to ONNX with optimum and validate it."""
+    try:
+        from modelyard.backends.onnx.export import export_model  # noqa: PLC0415
+    except ImportError as exc:
+        _fail(f"export needs the 'export' extra (pip install 'modelyard[export]'): {exc}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("export", total=100)
+        try:
+            report = export_model(
+                src_dir, out_dir, task=task, quantize=quantize,
+                progress=lambda phase, pct: bar.update(job, description=phase, completed=pct),
+            )
+        except ModelyardError as exc:
+            _fail(exc.detail)
+        bar.update(job, completed=100, description="done")
+    out.print(f"exported to {out_dir} (max abs diff vs. source: {report.max_abs_diff:.3e})")
+
+
+@cli.group("config")
+def config_cmd() -> None:
+    """Configuration tools."""
+
+
+@config_cmd.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    """Validate FILE without starting anything; exit 1 with the problem on error."""
+    host = _plugins()
+    try:
+        settings = load_settings(file)
+        specs = resolve_models(settings, host.backends)
+    except ConfigError as exc:
+        click.echo(f"{file}: {exc.detail}", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: ok ({len(specs)} model version(s))")
+
+
+@cli.group("demo")
+def demo_cmd() -> None:
+    """The built-in demo models."""
+
+
+@demo_cmd.command("prepare")
+def demo_prepare() -> None:
+    """Prepare the demo models now (serve does this on first run)."""
+    host = _plugins()
+    settings, _ = _settings(None, host)
+    prepare_demo_models(settings)
+
+
+def main() -> None:
+    cli(prog_name="modelyard")

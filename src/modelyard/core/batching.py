@@ -1,0 +1,164 @@
+"""Dynamic batching: requests to one model version queue up and reach the backend together."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from modelyard.core.errors import BackendError, ModelyardError, ServiceUnavailableError
+from modelyard.core.types import InferenceRequest, InferenceResult
+
+if TYPE_CHECKING:
+    from modelyard.core.backend import Backend
+
+__all__ = ["Batcher", "Clock"]
+
+Clock = Callable[[], float]
+log = logging.getLogger(__name__)
+
+
+class _Pending:
+    __slots__ = ("future", "request", "enqueued_at")
+
+    def __init__(self, request: InferenceRequest, future: asyncio.Future[InferenceResult], now: float) -> None:
+        self.request = request
+        self.future = future
+        self.enqueued_at = now
+
+
+class Batcher:
+    """One queue and one worker per model version.
+
+    While the backend runs a batch, newcomers queue; the next batch takes up to
+    ``max_batch_size`` of them at once, so batches grow with load and a lone request on an
+    idle model waits at most ``max_queue_delay_s``.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._backend = backend
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._clock = clock
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; whatever still waits fails with 503."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ServiceUnavailableError("model version is unloading"))
+
+    async def submit(self, request: InferenceRequest) -> InferenceResult:
+        """Queue a request and wait for its own result (or its own share of a batch error)."""
+        if len(self._queue) >= self.max_queue_size:
+            raise ServiceUnavailableError(
+                f"queue full ({self.max_queue_size} waiting); retry shortly", retry_after=1
+            )
+        future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(request, future, self._clock()))
+        self._wakeup.set()
+        # A caller that is cancelled (timeout, disconnect) cancels its future: the worker skips it.
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_company()
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_company(self) -> None:
+        if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
+            return
+        deadline = self._queue[0].enqueued_at + self.max_queue_delay_s
+        while len(self._queue) < self.max_batch_size:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        task = None
+        skipped: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():  # cancelled while queued: never executed
+                continue
+            if task is None:
+                task = pending.request.task
+            if pending.request.task != task:
+                skipped.append(pending)
+                continue
+            batch.append(pending)
+        self._queue.extendleft(reversed(skipped))
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        self.batches_run += 1
+        requests = [p.request for p in batch]
+        try:
+            results = await self._backend.infer(requests)
+            if len(results) != len(requests):
+                raise BackendError(
+                    f"backend returned {len(results)} results for a batch of {len(requests)}"
+                )
+        except ModelyardError as exc:
+            self._fail_all(batch, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - every member must hear about it
+            log.exception("backend %r failed a batch of %d", self._backend.name, len(batch))
+            self._fail_all(batch, BackendError(f"backend failed: {type(exc).__name__}: {exc}"))
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+
+    @staticmethod
+    def _fail_all(batch: list[_Pending], exc: Exception) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)

@@ -1,0 +1,53 @@
+"""Every hook a modelyard plugin may implement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from modelyard.core.auth import AuthProvider
+    from modelyard.core.backend import Backend
+    from modelyard.core.cache_tier import CacheTier
+    from modelyard.core.registry import ModelVersion, VersionState
+    from modelyard.core.service import InferenceService
+
+PROJECT = "modelyard"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
+
+
+@hookspec
+def register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Register Backend subclasses by calling ``register(cls)`` once per class."""
+
+
+@hookspec
+def register_auth_providers(register: Callable[[type[AuthProvider]], None]) -> None:
+    """Register AuthProvider subclasses by calling ``register(cls)`` once per class."""
+
+
+@hookspec
+def register_cache_tiers(register: Callable[[type[CacheTier]], None]) -> None:
+    """Register CacheTier subclasses by calling ``register(cls)`` once per class."""
+
+
+@hookspec
+def server_startup(service: InferenceService) -> None:
+    """Observe the server starting, after plugins load and before models load."""
+
+
+@hookspec
+def server_shutdown(service: InferenceService) -> None:
+    """Observe the server stopping, after requests drain and before models unload."""
+
+
+@hookspec
+def model_version_state_changed(
+    version: ModelVersion, old: VersionState | None, new: VersionState
+) -> None:
+    """Observe a model version moving between states (loading, ready, active, ...)."""

@@ -1,0 +1,150 @@
+"""Model name -> versions, each with its state and backend instance."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from modelyard.core.errors import ModelNotFoundError, ModelNotReadyError
+from modelyard.core.settings import ModelSpec
+from modelyard.core.types import Task
+
+if TYPE_CHECKING:
+    from modelyard.core.backend import Backend
+    from modelyard.core.batching import Batcher
+
+__all__ = ["ModelEntry", "ModelRegistry", "ModelVersion", "VersionState"]
+
+
+class VersionState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    ACTIVE = "active"
+    DEPRECATED = "deprecated"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+SERVING_STATES = frozenset({VersionState.READY, VersionState.ACTIVE, VersionState.DEPRECATED})
+
+
+class ModelVersion:
+    """One loaded (or loading, or failed) version of a model."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        on_state: Callable[[ModelVersion, VersionState | None, VersionState], None],
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = spec.version
+        self.task: Task | None = spec.task
+        self.backend: Backend | None = None
+        self.batcher: Batcher | None = None
+        self.error: str = ""
+        self.progress: float = 0.0
+        self.phase: str = "queued"
+        self._state: VersionState | None = None
+        self._on_state = on_state
+
+    @property
+    def state(self) -> VersionState | None:
+        return self._state
+
+    def set_state(self, new: VersionState, *, error: str = "") -> None:
+        old, self._state = self._state, new
+        if error:
+            self.error = error
+        if old != new:
+            self._on_state(self, old, new)
+
+    @property
+    def serving(self) -> bool:
+        return self._state in SERVING_STATES and self.backend is not None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary for admin endpoints and the CLI."""
+        info = self.backend.info() if self.backend is not None and self.serving else None
+        return {
+            "name": self.name,
+            "version": self.version,
+            "backend": self.spec.backend.name,
+            "task": self.task.value if self.task else None,
+            "source": self.spec.source,
+            "state": self._state.value if self._state else None,
+            "phase": self.phase,
+            "progress": round(self.progress, 1),
+            "error": self.error or None,
+            "parameters": info.parameters if info else {},
+        }
+
+
+class ModelEntry:
+    """All versions of one model name and which one is active."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.versions: dict[str, ModelVersion] = {}
+        self.active_version: str | None = None
+        self.required = False
+
+    @property
+    def active(self) -> ModelVersion | None:
+        if self.active_version is None:
+            return None
+        return self.versions.get(self.active_version)
+
+
+class ModelRegistry:
+    """Holds every model entry; lookups raise the client-facing errors."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ModelEntry] = {}
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(sorted(self._models.values(), key=lambda m: m.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"model {name!r} does not exist") from None
+
+    def add(self, version: ModelVersion) -> ModelEntry:
+        entry = self._models.setdefault(version.name, ModelEntry(version.name))
+        entry.versions[version.version] = version
+        entry.required = entry.required or version.spec.required
+        return entry
+
+    def remove(self, name: str, version: str) -> None:
+        entry = self.entry(name)
+        entry.versions.pop(version, None)
+        if entry.active_version == version:
+            entry.active_version = None
+        if not entry.versions:
+            del self._models[name]
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """The version that serves ``name`` (the active one unless ``version`` is given)."""
+        entry = self.entry(name)
+        if version is None:
+            found = entry.active
+            if found is None:
+                raise ModelNotReadyError(f"model {name!r} has no active version yet", retry_after=5)
+        else:
+            try:
+                found = entry.versions[version]
+            except KeyError:
+                raise ModelNotFoundError(f"model {name!r} has no version {version!r}") from None
+        if not found.serving:
+            state = found.state.value if found.state else "unknown"
+            reason = f": {found.error}" if found.error else ""
+            raise ModelNotReadyError(
+                f"model {name!r} version {found.version!r} is {state}{reason}", retry_after=5
+            )
+        return found

@@ -1,0 +1,334 @@
+"""``InferenceService``: the one core service behind every protocol (OpenAI, v2, admin)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import platformdirs
+
+from modelyard.core.backend import Backend, LoadContext
+from modelyard.core.batching import Batcher, Clock
+from modelyard.core.errors import (
+    BackendError,
+    ConflictError,
+    ModelLoadError,
+    ModelyardError,
+    TimeoutError_,
+    UnsupportedTaskError,
+)
+from modelyard.core.plugins import PluginHost
+from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
+from modelyard.core.settings import ModelSpec, Settings, resolve_models
+from modelyard.core.sources import SourceResolver, resolve_source
+from modelyard.core.types import (
+    InferenceRequest,
+    InferenceResult,
+    StreamChunk,
+    Task,
+)
+
+__all__ = ["InferenceService"]
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """Owns the registry, loads versions, and runs every inference through their batchers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: PluginHost,
+        *,
+        clock: Clock = time.monotonic,
+        source_resolver: SourceResolver = resolve_source,
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.registry = ModelRegistry()
+        self.specs: list[ModelSpec] = resolve_models(settings, plugins.backends)
+        self._clock = clock
+        self._resolve_source = source_resolver
+        self._loader: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.started_at = 0.0
+        self.started_wall = time.time()
+        self.draining = False
+
+    @staticmethod
+    def default_cache_dir(settings: Settings) -> Path:
+        """Where ``demo:`` sources are prepared: ``cache_dir`` or the user cache directory."""
+        if settings.cache_dir:
+            return Path(settings.cache_dir).expanduser()
+        return Path(platformdirs.user_cache_dir("modelyard"))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.default_cache_dir(self.settings)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Announce startup and begin loading every configured version in the background."""
+        self.started_at = self._clock()
+        self.plugins.server_startup(self)
+        for spec in self.specs:
+            version = ModelVersion(spec, self._state_changed)
+            self.registry.add(version)
+            version.set_state(VersionState.LOADING)
+        self._loader = asyncio.get_running_loop().create_task(self._load_configured())
+
+    async def wait_until_loaded(self) -> None:
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    async def stop(self) -> None:
+        """Stop loading, tell plugins, and unload every version."""
+        self.draining = True
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            try:
+                await self._loader
+            except asyncio.CancelledError:
+                pass
+        self.plugins.server_shutdown(self)
+        for entry in list(self.registry):
+            for version in list(entry.versions.values()):
+                await self._release(version)
+
+    async def _load_configured(self) -> None:
+        # One at a time: loads compete for the same cores and memory anyway, and a
+        # sequential order keeps progress output readable.
+        for spec in self.specs:
+            version = self.registry.entry(spec.name).versions[spec.version]
+            await self._load(version, activate=spec.active)
+
+    def ready(self) -> bool:
+        """True when every required model has a serving active version and we are not draining."""
+        if self.draining:
+            return False
+        for entry in self.registry:
+            if entry.required and (entry.active is None or not entry.active.serving):
+                return False
+        return True
+
+    # -- loading -------------------------------------------------------------------------
+
+    async def _load(self, version: ModelVersion, *, activate: bool) -> None:
+        spec = version.spec
+        version.error = ""
+        version.set_state(VersionState.LOADING)
+        try:
+            backend = await self._build_backend(version)
+        except asyncio.CancelledError:
+            raise
+        except ModelyardError as exc:
+            self._failed(version, exc.detail)
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken model must never take the server down
+            log.exception("loading %s:%s failed", spec.name, spec.version)
+            self._failed(version, f"{type(exc).__name__}: {exc}")
+            return
+        version.backend = backend
+        size = spec.batching.max_batch_size or backend.max_batch_size
+        version.batcher = Batcher(
+            backend,
+            max_batch_size=size,
+            max_queue_delay_s=spec.batching.max_queue_delay_ms / 1000.0,
+            max_queue_size=spec.batching.max_queue_size,
+            clock=self._clock,
+        )
+        version.batcher.start()
+        version.progress, version.phase = 100.0, "ready"
+        version.set_state(VersionState.READY)
+        if activate:
+            self._activate(version)
+
+    async def _build_backend(self, version: ModelVersion) -> Backend:
+        spec = version.spec
+
+        def progress(phase: str, percent: float) -> None:
+            version.phase, version.progress = phase, max(0.0, min(99.0, percent))
+
+        progress("resolving source", 0.0)
+        path = await asyncio.to_thread(self._resolve_source, spec.source, self.cache_dir, progress)
+        task = spec.task or spec.backend.detect_task(path, spec.options)
+        if task is None:
+            raise ModelLoadError(
+                f"cannot tell the task of {spec.name!r}; set task in config "
+                f"({', '.join(sorted(spec.backend.tasks))})"
+            )
+        version.task = task
+        context = LoadContext(
+            model=spec.name, version=spec.version, task=task, source=spec.source, path=path,
+            options=spec.options,
+        )
+        backend = spec.backend(context)
+        progress("loading", 50.0)
+        await backend.load()
+        progress("health check", 90.0)
+        report = await backend.health()
+        if not report.healthy:
+            await backend.unload()
+            raise ModelLoadError(f"health check failed: {report.detail or 'unhealthy'}")
+        return backend
+
+    def _failed(self, version: ModelVersion, reason: str) -> None:
+        log.error("model %s version %s failed to load: %s", version.name, version.version, reason)
+        version.phase = "failed"
+        version.set_state(VersionState.FAILED, error=reason)
+
+    def _activate(self, version: ModelVersion) -> None:
+        entry = self.registry.entry(version.name)
+        previous = entry.active
+        entry.active_version = version.version
+        version.set_state(VersionState.ACTIVE)
+        if previous is not None and previous is not version and previous.serving:
+            previous.set_state(VersionState.DEPRECATED)
+
+    async def _release(self, version: ModelVersion) -> None:
+        if version.batcher is not None:
+            await version.batcher.stop()
+            version.batcher = None
+        backend, version.backend = version.backend, None
+        if backend is not None:
+            try:
+                await backend.unload()
+            except Exception:  # noqa: BLE001
+                log.exception("unloading %s:%s raised", version.name, version.version)
+        if version.state != VersionState.FAILED:
+            version.set_state(VersionState.UNLOADED)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load_model(self, name: str) -> ModelEntry:
+        """(Re)load every configured version of ``name`` that is not serving (v2 repository load)."""
+        entry = self.registry.entry(name)
+        async with self._lock(name):
+            for version in list(entry.versions.values()):
+                if version.serving:
+                    continue
+                activate = version.spec.active or entry.active_version in (None, version.version)
+                await self._load(version, activate=activate)
+        return entry
+
+    async def unload_model(self, name: str) -> ModelEntry:
+        """Unload every version of ``name``; it stays listed and can be loaded again."""
+        entry = self.registry.entry(name)
+        async with self._lock(name):
+            for version in list(entry.versions.values()):
+                await self._release(version)
+        return entry
+
+    async def unload_version(self, name: str, version_label: str) -> None:
+        entry = self.registry.entry(name)
+        version = self.registry.get(name, version_label)
+        if entry.active_version == version_label:
+            raise ConflictError(f"version {version_label!r} of {name!r} is active; swap first")
+        async with self._lock(name):
+            await self._release(version)
+
+    # -- inference -----------------------------------------------------------------------
+
+    def _serving(self, model: str, task: Task, version: str | None) -> ModelVersion:
+        found = self.registry.get(model, version)
+        if not serves(found, task):
+            served = found.task.value if found.task else "nothing"
+            raise UnsupportedTaskError(f"model {model!r} serves {served}, not {task.value}")
+        return found
+
+    async def infer(
+        self, model: str, request: InferenceRequest, *, version: str | None = None
+    ) -> tuple[ModelVersion, InferenceResult]:
+        """Run one request through the version's batcher; 504 past the request timeout."""
+        found = self._serving(model, request.task, version)
+        assert found.batcher is not None
+        try:
+            async with asyncio.timeout(self.settings.server.request_timeout_s):
+                result = await found.batcher.submit(request)
+        except TimeoutError:
+            raise TimeoutError_(
+                f"model {model!r} did not answer within {self.settings.server.request_timeout_s:g}s"
+            ) from None
+        return found, result
+
+    async def stream(
+        self, model: str, request: InferenceRequest, *, version: str | None = None
+    ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
+        """Start a streamed generation; the first chunk is awaited so errors surface before 200."""
+        found = self._serving(model, request.task, version)
+        backend = found.backend
+        assert backend is not None
+        if not backend.supports_streaming:
+            raise UnsupportedTaskError(f"model {model!r} does not stream")
+        chunks = aiter(backend.stream(request))
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except ModelyardError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("stream from %s failed to start", model)
+            raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
+        return found, _prepend(first, chunks)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every model, its versions and states, for admin endpoints and the CLI."""
+        return [
+            {
+                "name": entry.name,
+                "active_version": entry.active_version,
+                "required": entry.required,
+                "versions": [v.describe() for v in entry.versions.values()],
+            }
+            for entry in self.registry
+        ]
+
+    def _state_changed(
+        self, version: ModelVersion, old: VersionState | None, new: VersionState
+    ) -> None:
+        log.info(
+            "model %s version %s: %s -> %s", version.name, version.version,
+            old.value if old else "-", new.value,
+        )
+        self.plugins.model_version_state_changed(version, old, new)
+
+
+def serves(version: ModelVersion, task: Task) -> bool:
+    """A chat model also serves raw completions when its backend can."""
+    if version.task == task:
+        return True
+    return (
+        version.task == Task.CHAT
+        and task == Task.COMPLETION
+        and Task.COMPLETION in version.spec.backend.tasks
+    )
+
+
+async def _prepend(
+    first: StreamChunk | None, rest: AsyncIterator[StreamChunk]
+) -> AsyncIterator[StreamChunk]:
+    try:
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        # Closing the backend's generator is how a disconnected client frees its slot.
+        closer = getattr(rest, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+def to_json(value: Any) -> bytes:
+    return msgspec.json.encode(value)

@@ -1,0 +1,211 @@
+"""Configuration: one TOML file decoded into msgspec Structs, plus ``MODELYARD_*`` overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+from modelyard.core.backend import Backend
+from modelyard.core.errors import ConfigError
+from modelyard.core.types import Task
+
+__all__ = [
+    "BatchingSettings",
+    "ModelSettings",
+    "ModelSpec",
+    "ServerSettings",
+    "Settings",
+    "decode_settings",
+    "load_settings",
+    "resolve_models",
+]
+
+ENV_PREFIX = "MODELYARD_"
+#: Variables with the prefix that are not settings paths.
+RESERVED_ENV = frozenset({"MODELYARD_PLUGINS", "MODELYARD_CONFIG"})
+
+ModelName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+VersionLabel = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    #: Largest request body accepted; larger bodies get 413.
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    #: How long a request may wait for its answer before 504.
+    request_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    #: Time in-flight requests get to finish on SIGTERM.
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 25.0
+    log_level: str = "info"
+
+
+class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Requests merged into one backend call; None takes the backend's own limit; 1 disables.
+    max_batch_size: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    #: Longest a lone request waits for company; 0 runs it at once (batches still form
+    #: from whatever queues while the backend is busy).
+    max_queue_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    #: Requests waiting beyond this are refused with 503 + Retry-After.
+    max_queue_size: Annotated[int, Meta(ge=1)] = 1024
+
+
+class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: ModelName
+    backend: str
+    #: A path, ``demo:NAME`` or ``pypi:DIST/relative/path``.
+    source: str
+    version: VersionLabel = "1"
+    task: Task | None = None
+    #: Which of several versions of one name serves; defaults to the first listed.
+    active: bool | None = None
+    #: ``/v2/health/ready`` waits for required models only.
+    required: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+
+
+class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSettings = field(default_factory=ServerSettings)
+    #: Where ``demo:`` and ``pypi:`` sources are prepared; defaults to the user cache dir.
+    cache_dir: str | None = None
+    models: list[ModelSettings] = field(default_factory=list)
+
+
+class ModelSpec(Struct, frozen=True, kw_only=True):
+    """A validated model version entry, its options converted by its backend."""
+
+    name: str
+    version: str
+    backend: type[Backend]
+    source: str
+    task: Task | None
+    options: Any
+    active: bool
+    required: bool
+    batching: BatchingSettings
+    config_path: str
+
+
+def decode_settings(raw: Mapping[str, Any] | bytes | str, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Decode TOML text (or an already parsed table) plus env overrides into Settings."""
+    if isinstance(raw, bytes | str):
+        try:
+            table: dict[str, Any] = tomllib.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from None
+    else:
+        table = dict(raw)
+    _apply_env(table, os.environ if env is None else env)
+    try:
+        return msgspec.convert(table, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_path_first(str(exc))) from None
+
+
+def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and decode a config file; None means an empty config (the caller may add demos)."""
+    if path is None:
+        return decode_settings({}, env=env)
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    return decode_settings(text, env=env)
+
+
+def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) -> list[ModelSpec]:
+    """Check every model entry against the installed backends and convert its options."""
+    specs: list[ModelSpec] = []
+    seen: set[tuple[str, str]] = set()
+    active_of: dict[str, int] = {}
+    for i, entry in enumerate(settings.models):
+        where = f"$.models[{i}]"
+        cls = backends.get(entry.backend)
+        if cls is None:
+            installed = ", ".join(sorted(backends)) or "none"
+            raise ConfigError(
+                f"{where}.backend: unknown backend {entry.backend!r}; installed: {installed}"
+            )
+        if (entry.name, entry.version) in seen:
+            raise ConfigError(f"{where}.version: {entry.name!r} version {entry.version!r} listed twice")
+        seen.add((entry.name, entry.version))
+        if entry.task is not None and entry.task not in cls.tasks:
+            served = ", ".join(sorted(cls.tasks))
+            raise ConfigError(
+                f"{where}.task: backend {entry.backend!r} cannot serve {entry.task.value!r}; it serves: {served}"
+            )
+        if entry.active:
+            if entry.name in active_of:
+                raise ConfigError(
+                    f"{where}.active: {entry.name!r} already has an active version "
+                    f"($.models[{active_of[entry.name]}])"
+                )
+            active_of[entry.name] = i
+        try:
+            options = msgspec.convert(entry.options, cls.options_type)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_path_first(str(exc), prefix=f"{where}.options")) from None
+        specs.append(
+            ModelSpec(
+                name=entry.name, version=entry.version, backend=cls, source=entry.source,
+                task=entry.task, options=options, active=bool(entry.active), required=entry.required,
+                batching=entry.batching, config_path=where,
+            )
+        )
+    # A name with no version marked active serves its first listed version.
+    first_of: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        first_of.setdefault(spec.name, i)
+    for name, i in first_of.items():
+        if name not in active_of:
+            specs[i] = msgspec.structs.replace(specs[i], active=True)
+    return specs
+
+
+def _apply_env(table: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``MODELYARD_SERVER__PORT=9000`` sets ``server.port``; values parse as TOML when they can."""
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in RESERVED_ENV:
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__") if part]
+        if not path:
+            continue
+        node = table
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {'.'.join(path)} does not name a setting")
+            node = child
+        node[path[-1]] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+_AT_PATH = re.compile(r"^(?P<msg>.*) - at `(?P<path>\$[^`]*)`$", re.DOTALL)
+
+
+def _path_first(message: str, prefix: str = "$") -> str:
+    """msgspec says 'Problem - at `$.a.b`'; we say '$.a.b: Problem' (with ``$`` re-rooted)."""
+    # msgspec's message layout is documented and stable; this only reorders it.
+    match = _AT_PATH.match(message)
+    if match is None:
+        return f"{prefix}: {message}"
+    path = prefix + match["path"][1:]
+    msg = match["msg"]
+    if msg.startswith("Object contains unknown field"):
+        msg = msg.replace("Object contains unknown field", "unknown field")
+    return f"{path}: {msg}"
