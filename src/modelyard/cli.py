@@ -64,32 +64,31 @@ def cli() -> None:
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(config: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
-    import uvicorn  # noqa: PLC0415
-
     from modelyard.api.app import create_app  # noqa: PLC0415
+    from modelyard.api.server import serve as run_server  # noqa: PLC0415
+    from modelyard.core.service import InferenceService  # noqa: PLC0415
 
     plugins = _plugins()
     try:
         settings, is_demo = _settings(config, plugins)
     except ModelyardError as exc:
         _fail(exc.detail)
-    server = settings.server
     server = msgspec.structs.replace(
-        server,
-        host=host or server.host,
-        port=server.port if port is None else port,
-        log_level=log_level or server.log_level,
+        settings.server,
+        host=host or settings.server.host,
+        port=settings.server.port if port is None else port,
+        log_level=log_level or settings.server.log_level,
     )
     settings = msgspec.structs.replace(settings, server=server)
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if is_demo:
         prepare_demo_models(settings)
-    app = create_app(settings, plugins=plugins)
+    service = InferenceService(settings, plugins)
+    app = create_app(settings, plugins=plugins, service=service)
     console.print(f"modelyard {__version__} on http://{server.host}:{server.port}", highlight=False)
-    uvicorn.run(
-        app, host=server.host, port=server.port, log_level=server.log_level,
-        timeout_graceful_shutdown=int(server.shutdown_grace_s), access_log=False,
-    )
+    run_server(app, service, server)
 
 
 def prepare_demo_models(settings: Settings) -> None:

@@ -1,0 +1,41 @@
+"""Run the app under uvicorn with a drain-aware shutdown."""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+from litestar import Litestar
+
+from modelyard.core.service import InferenceService
+from modelyard.core.settings import ServerSettings
+
+__all__ = ["DrainingServer", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, readiness turns 503 at once; uvicorn then lets in-flight requests
+    finish for up to ``timeout_graceful_shutdown`` seconds before the lifespan unloads models."""
+
+    def __init__(self, config: uvicorn.Config, service: InferenceService) -> None:
+        super().__init__(config)
+        self._service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._service.draining:
+            log.info("signal %d: draining (ready -> 503), grace %ss", sig,
+                     self.config.timeout_graceful_shutdown)
+        self._service.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Litestar, service: InferenceService, server: ServerSettings) -> None:
+    config = uvicorn.Config(
+        app, host=server.host, port=server.port, log_level=server.log_level,
+        timeout_graceful_shutdown=max(1, round(server.shutdown_grace_s)), access_log=False,
+        lifespan="on",
+    )
+    DrainingServer(config, service).run()
