@@ -1,14 +1,32 @@
-"""Model administration routes over the core service."""
+"""Model administration routes over the core service: versions, swap, rollback."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, get
+import msgspec
+from litestar import Controller, Response, delete, get, post
 
 from modelyard.core.service import InferenceService
+from modelyard.core.types import Task
 
 __all__ = ["AdminController"]
+
+
+class NewVersionBody(msgspec.Struct, forbid_unknown_fields=True):
+    version: str
+    source: str
+    backend: str | None = None
+    task: Task | None = None
+    options: dict[str, Any] | None = None
+
+
+class SwapBody(msgspec.Struct, forbid_unknown_fields=True):
+    to: str
+
+
+def _version_url(name: str, version: str) -> str:
+    return f"/admin/models/{name}/versions/{version}"
 
 
 class AdminController(Controller):
@@ -19,3 +37,48 @@ class AdminController(Controller):
     async def models(self, service: InferenceService) -> dict[str, Any]:
         """Every model with its versions, states, load progress and runtime parameters."""
         return {"models": service.describe(), "ready": service.ready()}
+
+    @post("/models/{name:str}/versions", status_code=202)
+    async def add_version(
+        self, name: str, data: NewVersionBody, service: InferenceService
+    ) -> Response[dict[str, Any]]:
+        """Load a new version in the background; poll the returned URL for state and progress."""
+        version = service.add_version(
+            name, data.version, data.source, backend=data.backend, task=data.task,
+            options=data.options,
+        )
+        url = _version_url(name, version.version)
+        return Response(
+            {**version.describe(), "url": url}, status_code=202, headers={"Location": url}
+        )
+
+    @get("/models/{name:str}/versions/{version:str}")
+    async def get_version(self, name: str, version: str, service: InferenceService) -> dict[str, Any]:
+        entry = service.registry.entry(name)
+        found = entry.versions.get(version)
+        if found is None:
+            service.registry.get(name, version)  # raises the 404
+        assert found is not None
+        return found.describe()
+
+    @delete("/models/{name:str}/versions/{version:str}", status_code=200)
+    async def delete_version(self, name: str, version: str, service: InferenceService) -> dict[str, Any]:
+        """Unload a version (refused for the active one); its memory is released."""
+        await service.unload_version(name, version)
+        return {"name": name, "version": version, "unloaded": True}
+
+    @get("/models/{name:str}/swap/safety")
+    async def swap_safety(self, name: str, to: str, service: InferenceService) -> dict[str, Any]:
+        return await service.swap_safety(name, to)
+
+    @post("/models/{name:str}/swap", status_code=200)
+    async def swap(self, name: str, data: SwapBody, service: InferenceService) -> dict[str, Any]:
+        """Atomically make a ready version active; 409 with the safety report when unsafe."""
+        report = await service.swap(name, data.to)
+        return {"name": name, "active_version": data.to, "previous": report["from"], "report": report}
+
+    @post("/models/{name:str}/rollback", status_code=200)
+    async def rollback(self, name: str, service: InferenceService) -> dict[str, Any]:
+        """Return to the previous active version."""
+        active = await service.rollback(name)
+        return {"name": name, "active_version": active}

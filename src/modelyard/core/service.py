@@ -16,15 +16,17 @@ from modelyard.core.backend import Backend, LoadContext
 from modelyard.core.batching import Batcher, Clock
 from modelyard.core.errors import (
     BackendError,
+    ConfigError,
     ConflictError,
     ModelLoadError,
+    ModelNotFoundError,
     ModelyardError,
     TimeoutError_,
     UnsupportedTaskError,
 )
 from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
-from modelyard.core.settings import ModelSpec, Settings, resolve_models
+from modelyard.core.settings import ModelSpec, Settings, decode_settings, resolve_models
 from modelyard.core.sources import SourceResolver, resolve_source
 from modelyard.core.types import (
     InferenceRequest,
@@ -57,6 +59,9 @@ class InferenceService:
         self._resolve_source = source_resolver
         self._loader: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        # Per model: previously active versions, newest last, for rollback.
+        self._history: dict[str, list[str]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.started_at = 0.0
         self.started_wall = time.time()
         self.draining = False
@@ -184,13 +189,17 @@ class InferenceService:
         version.phase = "failed"
         version.set_state(VersionState.FAILED, error=reason)
 
-    def _activate(self, version: ModelVersion) -> None:
+    def _activate(self, version: ModelVersion, *, remember: bool = True) -> None:
         entry = self.registry.entry(version.name)
         previous = entry.active
+        # One synchronous assignment: requests admitted before it hold the old version and
+        # finish there; every later lookup sees the new one.
         entry.active_version = version.version
         version.set_state(VersionState.ACTIVE)
         if previous is not None and previous is not version and previous.serving:
             previous.set_state(VersionState.DEPRECATED)
+            if remember:
+                self._history.setdefault(entry.name, []).append(previous.version)
 
     async def _release(self, version: ModelVersion) -> None:
         if version.batcher is not None:
@@ -228,12 +237,133 @@ class InferenceService:
         return entry
 
     async def unload_version(self, name: str, version_label: str) -> None:
+        """Unload and forget a non-active version, releasing its memory."""
         entry = self.registry.entry(name)
-        version = self.registry.get(name, version_label)
+        if version_label not in entry.versions:
+            raise ModelNotFoundError(f"model {name!r} has no version {version_label!r}")
         if entry.active_version == version_label:
             raise ConflictError(f"version {version_label!r} of {name!r} is active; swap first")
-        async with self._lock(name):
+        lock = self._lock(name)
+        if lock.locked():
+            raise ConflictError(f"another operation on {name!r} is in progress")
+        async with lock:
+            version = entry.versions[version_label]
             await self._release(version)
+            self.registry.remove(name, version_label)
+            history = self._history.get(name, [])
+            if version_label in history:
+                history.remove(version_label)
+
+    # -- versions: add, swap, rollback ---------------------------------------------------
+
+    def add_version(
+        self,
+        name: str,
+        version_label: str,
+        source: str,
+        *,
+        backend: str | None = None,
+        task: Task | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a new version and load it in the background (it does not become active)."""
+        entry = self.registry.entry(name)
+        existing = entry.versions.get(version_label)
+        if existing is not None and existing.state not in (VersionState.FAILED, VersionState.UNLOADED):
+            raise ConflictError(f"model {name!r} already has version {version_label!r}")
+        template = (entry.active or next(iter(entry.versions.values()))).spec
+        backend_cls = self.plugins.backends.get(backend or template.backend.name)
+        if backend_cls is None:
+            installed = ", ".join(sorted(self.plugins.backends))
+            raise ConfigError(f"$.backend: unknown backend {backend!r}; installed: {installed}")
+        raw = {
+            "name": name, "version": version_label, "backend": backend_cls.name, "source": source,
+            "task": (task or template.task), "options": options if options is not None else
+            (msgspec.to_builtins(template.options) if backend_cls is template.backend else {}),
+            "required": False,
+            "batching": msgspec.to_builtins(template.batching),
+        }
+        try:
+            settings = decode_settings({"models": [raw]}, env={})
+            spec = resolve_models(settings, {backend_cls.name: backend_cls})[0]
+        except ConfigError as exc:
+            # Re-root the path at the request body rather than a config file.
+            raise ConfigError(exc.detail.replace("$.models[0]", "$", 1)) from None
+        spec = msgspec.structs.replace(spec, active=False, required=template.required)
+        version = ModelVersion(spec, self._state_changed)
+        self.registry.add(version)
+        version.set_state(VersionState.LOADING)
+        self._spawn(self._load_locked(version))
+        return version
+
+    async def _load_locked(self, version: ModelVersion) -> None:
+        async with self._lock(version.name):
+            await self._load(version, activate=False)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def swap_safety(self, name: str, to: str) -> dict[str, Any]:
+        """Whether ``to`` may become active now, check by check."""
+        entry = self.registry.entry(name)
+        target = entry.versions.get(to)
+        checks: list[dict[str, Any]] = []
+
+        def check(check_name: str, ok: bool, detail: str = "") -> None:
+            checks.append({"name": check_name, "ok": ok, "detail": detail})
+
+        check("target_exists", target is not None, "" if target else f"no version {to!r}")
+        check("target_ready", bool(target and target.serving),
+              target.state.value if target and target.state else "")
+        check("no_concurrent_operation", not self._lock(name).locked())
+        check("target_not_active", entry.active_version != to)
+        score = 0.0
+        if target is not None and target.serving and target.backend is not None:
+            report = await target.backend.health()
+            score = 1.0 if report.healthy else 0.0
+            check("target_healthy", report.healthy, report.detail)
+        else:
+            check("target_healthy", False, "not serving")
+        threshold = self.settings.server.swap_health_threshold
+        check("health_score", score >= threshold, f"{score:.2f} (threshold {threshold:.2f})")
+        return {"model": name, "to": to, "from": entry.active_version,
+                "safe": all(c["ok"] for c in checks), "checks": checks}
+
+    async def swap(self, name: str, to: str) -> dict[str, Any]:
+        """Make ``to`` active atomically; 409 with the safety report when unsafe."""
+        report = await self.swap_safety(name, to)
+        if not report["safe"]:
+            raise ConflictError(f"swap of {name!r} to {to!r} is not safe", extra={"report": report})
+        async with self._lock(name):
+            self._activate(self.registry.entry(name).versions[to])
+            await self._prune_deprecated(name)
+        return report
+
+    async def rollback(self, name: str) -> str:
+        """Return to the previously active version (kept loaded as deprecated)."""
+        entry = self.registry.entry(name)
+        history = self._history.get(name, [])
+        while history and not (history[-1] in entry.versions and entry.versions[history[-1]].serving):
+            history.pop()
+        if not history:
+            raise ConflictError(f"model {name!r} has no previous version to roll back to")
+        if self._lock(name).locked():
+            raise ConflictError(f"another operation on {name!r} is in progress")
+        async with self._lock(name):
+            target = history.pop()
+            self._activate(entry.versions[target], remember=False)
+        return target
+
+    async def _prune_deprecated(self, name: str) -> None:
+        keep = self.settings.server.keep_deprecated
+        history = self._history.get(name, [])
+        while len(history) > keep:
+            oldest = history.pop(0)
+            version = self.registry.entry(name).versions.get(oldest)
+            if version is not None and version.state == VersionState.DEPRECATED:
+                await self._release(version)
 
     # -- inference -----------------------------------------------------------------------
 

@@ -45,6 +45,10 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     #: Time in-flight requests get to finish on SIGTERM.
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 25.0
     log_level: str = "info"
+    #: A swap needs the target's health score (0-1) at least this high.
+    swap_health_threshold: Annotated[float, Meta(ge=0, le=1)] = 1.0
+    #: Previously active versions kept loaded (deprecated) for rollback.
+    keep_deprecated: Annotated[int, Meta(ge=0)] = 1
 
 
 class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -202,10 +206,6 @@ def _path_first(message: str, prefix: str = "$") -> str:
     """msgspec says 'Problem - at `$.a.b`'; we say '$.a.b: Problem' (with ``$`` re-rooted)."""
     # msgspec's message layout is documented and stable; this only reorders it.
     match = _AT_PATH.match(message)
-    if match is None:
-        return f"{prefix}: {message}"
-    path = prefix + match["path"][1:]
-    msg = match["msg"]
-    if msg.startswith("Object contains unknown field"):
-        msg = msg.replace("Object contains unknown field", "unknown field")
+    path, msg = (prefix, message) if match is None else (prefix + match["path"][1:], match["msg"])
+    msg = msg.replace("Object contains unknown field", "unknown field")
     return f"{path}: {msg}"
