@@ -1,0 +1,168 @@
+"""Versions over the admin API: add, poll, swap (with safety), rollback, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from modelyard.api.app import create_app
+from modelyard.core.plugins import PluginHost
+from modelyard.core.service import InferenceService
+from modelyard.core.settings import Settings
+from modelyard.testing import run_live_server
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _settings(make_settings: Callable[..., Settings], **server: Any) -> Settings:
+    return make_settings(
+        server=server,
+        models=[{"name": "m", "backend": "echo", "source": ".", "task": "chat"}],
+    )
+
+
+async def _wait_state(client: httpx.AsyncClient, url: str, state: str) -> dict[str, Any]:
+    for _ in range(500):  # bounded: loading the echo backend takes microseconds
+        body = (await client.get(url)).json()
+        if body["state"] == state:
+            return body
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{url} never reached {state}: {body}")
+
+
+@pytest.fixture
+async def client(make_settings: Callable[..., Settings], plugin_host: PluginHost):
+    settings = _settings(make_settings)
+    service = InferenceService(settings, plugin_host)
+    app = create_app(settings, plugins=plugin_host, service=service)
+    transport = httpx.ASGITransport(app=app)
+    async with _Lifespan(service):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            yield c
+
+
+class _Lifespan:
+    """Start and stop the service around a test, as the app's lifespan would."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    async def __aenter__(self) -> None:
+        await self.service.start()
+        await self.service.wait_until_loaded()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.service.stop()
+
+
+async def test_add_version_is_202_with_a_url_to_poll(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/models/m/versions", json={"version": "2", "source": "."})
+    assert r.status_code == 202
+    assert r.headers["location"] == "/admin/models/m/versions/2"
+    body = await _wait_state(client, r.headers["location"], "ready")
+    assert body["progress"] == 100.0
+    # A new version does not take traffic until swapped in.
+    assert (await client.post("/v1/chat/completions", json=CHAT)).headers["x-model-version"] == "1"
+
+
+async def test_swap_then_rollback_switch_the_answering_version(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/models/m/versions", json={"version": "2", "source": "."})
+    await _wait_state(client, r.headers["location"], "ready")
+    safety = (await client.get("/admin/models/m/swap/safety", params={"to": "2"})).json()
+    assert safety["safe"] is True
+    assert {c["name"] for c in safety["checks"]} >= {"target_exists", "target_ready", "target_not_active"}
+    assert (await client.post("/admin/models/m/swap", json={"to": "2"})).status_code == 200
+    assert (await client.post("/v1/chat/completions", json=CHAT)).headers["x-model-version"] == "2"
+    states = {v["version"]: v["state"] for v in (await client.get("/admin/models")).json()["models"][0]["versions"]}
+    assert states == {"1": "deprecated", "2": "active"}
+    r = await client.post("/admin/models/m/rollback")
+    assert r.json()["active_version"] == "1"
+    assert (await client.post("/v1/chat/completions", json=CHAT)).headers["x-model-version"] == "1"
+
+
+async def test_unsafe_swap_is_409_with_the_report(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/models/m/swap", json={"to": "9"})
+    assert r.status_code == 409
+    assert r.headers["content-type"].startswith("application/problem+json")
+    failed = {c["name"] for c in r.json()["report"]["checks"] if not c["ok"]}
+    assert {"target_exists", "target_ready"} <= failed
+    r = await client.post("/admin/models/m/swap", json={"to": "1"})
+    assert r.status_code == 409  # already active
+
+
+async def test_failed_load_leaves_the_active_version_serving(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/models/m/versions",
+                          json={"version": "2", "source": "/no/such/model", "backend": "echo"})
+    body = await _wait_state(client, r.headers["location"], "failed")
+    assert "does not exist" in body["error"]
+    assert (await client.post("/admin/models/m/swap", json={"to": "2"})).status_code == 409
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+
+
+async def test_delete_refuses_the_active_version_and_unloads_others(client: httpx.AsyncClient) -> None:
+    assert (await client.delete("/admin/models/m/versions/1")).status_code == 409
+    r = await client.post("/admin/models/m/versions", json={"version": "2", "source": "."})
+    await _wait_state(client, r.headers["location"], "ready")
+    assert (await client.delete("/admin/models/m/versions/2")).status_code == 200
+    assert (await client.get("/admin/models/m/versions/2")).status_code == 404
+    assert (await client.delete("/admin/models/m/versions/2")).status_code == 404
+
+
+async def test_rollback_without_history_is_409(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/admin/models/m/rollback")).status_code == 409
+
+
+async def test_bad_options_for_a_new_version_name_the_body_path(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/models/m/versions",
+                          json={"version": "2", "source": ".", "options": {"dim": "wide"}})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("$.options.dim:")
+
+
+def test_swap_under_concurrent_load_over_real_http(
+    make_settings: Callable[..., Settings], plugin_host: PluginHost
+) -> None:
+    """Clients hammer the model while it swaps: no request fails and each client's stream of
+    version headers switches from 1 to 2 exactly once."""
+    settings = _settings(make_settings)
+    app = create_app(settings, plugins=plugin_host)
+
+    async def scenario(url: str) -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            for _ in range(500):
+                if (await http.get("/v2/health/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            r = await http.post("/admin/models/m/versions", json={"version": "2", "source": "."})
+            await _wait_state(http, r.headers["location"], "ready")
+            swapped = asyncio.Event()
+            seen: list[list[str]] = [[] for _ in range(8)]
+
+            async def hammer(i: int) -> None:
+                # Keep going until well after the swap; every answer must be 200.
+                after = 0
+                while after < 20:
+                    resp = await http.post("/v1/chat/completions", json=CHAT)
+                    assert resp.status_code == 200, resp.text
+                    seen[i].append(resp.headers["x-model-version"])
+                    after += swapped.is_set()
+
+            async def swap() -> None:
+                while min(len(s) for s in seen) < 10:
+                    await asyncio.sleep(0.001)
+                assert (await http.post("/admin/models/m/swap", json={"to": "2"})).status_code == 200
+                swapped.set()
+
+            await asyncio.gather(swap(), *(hammer(i) for i in range(8)))
+            return seen
+
+    with run_live_server(app) as server:
+        seen = asyncio.run(scenario(server.url))
+    for versions in seen:
+        switches = sum(1 for a, b in zip(versions, versions[1:]) if a != b)
+        assert versions[0] == "1" and versions[-1] == "2" and switches == 1, versions
