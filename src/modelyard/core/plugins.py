@@ -160,8 +160,11 @@ class PluginHost:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             name = self._pm.get_name(exc.plugin) or str(exc.plugin)
+            # Keep naming the distribution: ``modelyard plugins`` should say where it came from.
+            known = self._records.get(name)
+            source, version = (known.source, known.version) if known else (name, "")
             self.unregister(name)
-            self._fail(name, name, "", "unknown hook", exc)
+            self._fail(name, source, version, "unknown hook", exc)
             self._check_pending()
 
     def _fail(self, name: str, source: str, version: str, what: str, exc: BaseException) -> None:
