@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -183,6 +184,7 @@ def _apply_env(table: dict[str, Any], env: Mapping[str, str]) -> None:
         path = [part.lower() for part in key[len(ENV_PREFIX):].split("__") if part]
         if not path:
             continue
+        _check_env_path(key, path)
         node = table
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -190,6 +192,21 @@ def _apply_env(table: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(f"{key}: {'.'.join(path)} does not name a setting")
             node = child
         node[path[-1]] = _parse_env_value(value)
+
+
+def _check_env_path(key: str, path: list[str]) -> None:
+    """Name the variable when it names no setting; msgspec alone would blame the config file."""
+    node: Any = Settings
+    for i, part in enumerate(path):
+        if typing.get_origin(node) is dict:
+            return  # a free-form table: its owner validates it
+        fields = (
+            {f.encode_name: f.type for f in msgspec.structs.fields(node)}
+            if isinstance(node, type) and issubclass(node, Struct) else {}
+        )
+        if part not in fields:
+            raise ConfigError(f"{key}: {'.'.join(path[: i + 1])} does not name a setting")
+        node = fields[part]
 
 
 def _parse_env_value(value: str) -> Any:
