@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
@@ -23,6 +23,11 @@ class NewVersionBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class SwapBody(msgspec.Struct, forbid_unknown_fields=True):
     to: str
+
+
+class CanaryBody(msgspec.Struct, forbid_unknown_fields=True):
+    to: str
+    percent: Annotated[float, msgspec.Meta(gt=0, le=100)]
 
 
 def _version_url(name: str, version: str) -> str:
@@ -82,3 +87,20 @@ class AdminController(Controller):
         """Return to the previous active version."""
         active = await service.rollback(name)
         return {"name": name, "active_version": active}
+
+    @post("/models/{name:str}/canary", status_code=200)
+    async def canary(self, name: str, data: CanaryBody, service: InferenceService) -> dict[str, Any]:
+        """Shift ``percent`` of traffic to a ready version; it rolls back by itself on errors."""
+        canary = service.start_canary(name, data.to, data.percent)
+        return {"name": name, "canary": canary.snapshot(), "traffic": service.traffic(name)}
+
+    @post("/models/{name:str}/canary/promote", status_code=200)
+    async def promote(self, name: str, service: InferenceService) -> dict[str, Any]:
+        """Make the canary the active version (a swap, with its safety checks)."""
+        report = await service.promote_canary(name)
+        return {"name": name, "active_version": report["to"], "previous": report["from"]}
+
+    @delete("/models/{name:str}/canary", status_code=200)
+    async def stop_canary(self, name: str, service: InferenceService) -> dict[str, Any]:
+        service.stop_canary(name)
+        return {"name": name, "traffic": service.traffic(name)}

@@ -14,6 +14,7 @@ import platformdirs
 
 from modelyard.core.backend import Backend, LoadContext
 from modelyard.core.batching import Batcher, Clock
+from modelyard.core.canary import Canary
 from modelyard.core.errors import (
     BackendError,
     ConfigError,
@@ -62,6 +63,9 @@ class InferenceService:
         # Per model: previously active versions, newest last, for rollback.
         self._history: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._canaries: dict[str, Canary] = {}
+        #: Why each model's last canary was rolled back automatically (shown in /admin/models).
+        self.canary_rollbacks: dict[str, str] = {}
         self.started_at = 0.0
         self.started_wall = time.time()
         self.draining = False
@@ -369,6 +373,11 @@ class InferenceService:
 
     def _serving(self, model: str, task: Task, version: str | None) -> ModelVersion:
         found = self.registry.get(model, version)
+        canary = self._canaries.get(model) if version is None else None
+        if canary is not None and canary.pick():
+            target = self.registry.entry(model).versions.get(canary.target)
+            if target is not None and target.serving:
+                found = target
         if not serves(found, task):
             served = found.task.value if found.task else "nothing"
             raise UnsupportedTaskError(f"model {model!r} serves {served}, not {task.value}")
@@ -384,9 +393,17 @@ class InferenceService:
             async with asyncio.timeout(self.settings.server.request_timeout_s):
                 result = await found.batcher.submit(request)
         except TimeoutError:
+            self._record_outcome(found, failed=True)
             raise TimeoutError_(
                 f"model {model!r} did not answer within {self.settings.server.request_timeout_s:g}s"
             ) from None
+        except ModelyardError as exc:
+            self._record_outcome(found, failed=exc.status_code >= 500)
+            raise
+        except Exception:
+            self._record_outcome(found, failed=True)
+            raise
+        self._record_outcome(found, failed=False)
         return found, result
 
     async def stream(
@@ -410,6 +427,61 @@ class InferenceService:
             raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
         return found, _prepend(first, chunks)
 
+    # -- canary --------------------------------------------------------------------------
+
+    def start_canary(self, name: str, to: str, percent: float) -> Canary:
+        """Send ``percent`` of ``name``'s traffic to version ``to`` (ready, not active)."""
+        entry = self.registry.entry(name)
+        target = entry.versions.get(to)
+        if target is None:
+            raise ModelNotFoundError(f"model {name!r} has no version {to!r}")
+        if not target.serving or entry.active_version == to:
+            raise ConflictError(f"version {to!r} of {name!r} must be ready and not active")
+        server = self.settings.server
+        canary = Canary(to, percent, min_calls=server.canary_min_calls,
+                        error_margin=server.canary_error_margin)
+        self._canaries[name] = canary
+        self.canary_rollbacks.pop(name, None)
+        log.info("canary: %s version %s takes %g%% of traffic", name, to, percent)
+        return canary
+
+    def stop_canary(self, name: str, *, reason: str = "") -> None:
+        canary = self._canaries.pop(name, None)
+        if canary is None:
+            raise ConflictError(f"model {name!r} has no canary")
+        if reason:
+            self.canary_rollbacks[name] = reason
+            log.warning("canary of %s version %s rolled back: %s", name, canary.target, reason)
+
+    async def promote_canary(self, name: str) -> dict[str, Any]:
+        canary = self._canaries.get(name)
+        if canary is None:
+            raise ConflictError(f"model {name!r} has no canary")
+        report = await self.swap(name, canary.target)
+        self._canaries.pop(name, None)
+        return report
+
+    def _record_outcome(self, version: ModelVersion, *, failed: bool) -> None:
+        canary = self._canaries.get(version.name)
+        if canary is None:
+            return
+        canary.record(version.version, failed=failed)
+        reason = canary.rollback_reason(self.registry.entry(version.name).active_version)
+        if reason:
+            self.stop_canary(version.name, reason=reason)
+
+    def traffic(self, name: str) -> dict[str, float]:
+        """Share of new requests (percent) each version of ``name`` receives."""
+        entry = self.registry.entry(name)
+        shares: dict[str, float] = {}
+        if entry.active_version is not None:
+            shares[entry.active_version] = 100.0
+        canary = self._canaries.get(name)
+        if canary is not None and entry.active_version is not None:
+            shares[entry.active_version] = 100.0 - canary.percent
+            shares[canary.target] = canary.percent
+        return shares
+
     # -- queries -------------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
@@ -420,6 +492,9 @@ class InferenceService:
                 "active_version": entry.active_version,
                 "required": entry.required,
                 "versions": [v.describe() for v in entry.versions.values()],
+                "traffic": self.traffic(entry.name),
+                "canary": c.snapshot() if (c := self._canaries.get(entry.name)) else None,
+                "last_canary_rollback": self.canary_rollbacks.get(entry.name),
             }
             for entry in self.registry
         ]

@@ -50,6 +50,10 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     swap_health_threshold: Annotated[float, Meta(ge=0, le=1)] = 1.0
     #: Previously active versions kept loaded (deprecated) for rollback.
     keep_deprecated: Annotated[int, Meta(ge=0)] = 1
+    #: A canary is judged once it has answered this many requests.
+    canary_min_calls: Annotated[int, Meta(ge=1)] = 20
+    #: Roll a canary back when its error rate exceeds the active's by more than this (0-1).
+    canary_error_margin: Annotated[float, Meta(ge=0, le=1)] = 0.1
 
 
 class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
