@@ -142,6 +142,11 @@ class Batcher:
                 raise BackendError(
                     f"backend returned {len(results)} results for a batch of {len(requests)}"
                 )
+        except asyncio.CancelledError:
+            # stop() cancelled the worker mid-batch: these callers are no longer queued, so
+            # only this says they will get no answer (else they wait out the request timeout).
+            self._fail_all(batch, ServiceUnavailableError("model version is unloading"))
+            raise
         except ModelyardError as exc:
             self._fail_all(batch, exc)
             return
