@@ -133,7 +133,9 @@ class ModelRegistry:
         """The version that serves ``name`` (the active one unless ``version`` is given)."""
         entry = self.entry(name)
         if version is None:
-            found = entry.active
+            # Before its first activation, report the version meant to serve (loading, failed
+            # and why) rather than a bare "no active version".
+            found = entry.active or next((v for v in entry.versions.values() if v.spec.active), None)
             if found is None:
                 raise ModelNotReadyError(f"model {name!r} has no active version yet", retry_after=5)
         else:
