@@ -93,8 +93,7 @@ async def test_an_unhealthy_or_not_serving_target_is_skipped(fake_clock: FakeClo
             raise ModelNotReadyError("model 'b' version '1' is failed", retry_after=5)
         return fleet.availability(target)
 
-    chain.availability = availability
-    answer = await chain.run(fleet.call)
+    answer = await chain.run(fleet.call, availability=availability)
     assert answer.target == Target("c") and fleet.calls == ["c"]
     assert [a.reason for a in answer.attempts] == [
         "unhealthy", "model 'b' version '1' is failed",

@@ -127,15 +127,25 @@ class FailoverChain:
         #: Which target answered, by ``str(target)``.
         self.answered_by: collections.Counter[str] = collections.Counter()
 
-    async def run(self, call: Callable[[Target], Awaitable[T]]) -> Answer[T]:
-        """Answer with the first target that can; 4xx at once; 503 when none can."""
+    async def run(
+        self,
+        call: Callable[[Target], Awaitable[T]],
+        *,
+        availability: AvailabilityCheck | None = None,
+    ) -> Answer[T]:
+        """Answer with the first target that can; 4xx at once; 503 when none can.
+
+        ``availability`` replaces the chain's own check for this request (say, one that also
+        skips targets that do not serve the request's task).
+        """
+        check = availability or self.availability
         attempts: list[Attempt] = []
         last = len(self.targets) - 1
         for i, target in enumerate(self.targets):
             if i > 0:
                 self.failovers += 1
             if i < last:
-                status = await self._check(target)
+                status = await _check(check, target)
                 if not status.up:
                     attempts.append(Attempt(target, "skipped", status.reason, status.retry_after))
                     continue
@@ -161,17 +171,6 @@ class FailoverChain:
             "answered_by": dict(self.answered_by),
         }
 
-    async def _check(self, target: Target) -> Availability:
-        if self.availability is None:
-            return UP
-        try:
-            status = self.availability(target)
-            if inspect.isawaitable(status):
-                status = await status
-        except ModelyardError as exc:  # e.g. the target's model was removed
-            return Availability.down(exc.detail, _retry_after_of(exc))
-        return status
-
     def _passed_over(self, target: Target, exc: Exception, *, is_last: bool) -> Attempt:
         if isinstance(exc, ServiceUnavailableError):
             return Attempt(target, "refused", exc.detail, _retry_after_of(exc))
@@ -190,6 +189,18 @@ class FailoverChain:
             retry_after=math.ceil(retry_after),
             extra={"alias": self.name, "attempts": [a.describe() for a in attempts]},
         )
+
+
+async def _check(check: AvailabilityCheck | None, target: Target) -> Availability:
+    if check is None:
+        return UP
+    try:
+        status = check(target)
+        if inspect.isawaitable(status):
+            status = await status
+    except ModelyardError as exc:  # e.g. the target's model was removed
+        return Availability.down(exc.detail, _retry_after_of(exc))
+    return status
 
 
 def _retry_after_of(exc: ModelyardError) -> float:
