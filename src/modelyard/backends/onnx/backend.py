@@ -1,0 +1,248 @@
+"""``OnnxBackend``: one onnxruntime session per model version, serving one task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelyard.backends.onnx import providers as eps
+from modelyard.backends.onnx.layout import ModelFiles, locate
+from modelyard.backends.onnx.options import OnnxOptions
+from modelyard.backends.onnx.safety import GraphSummary, check_model_file
+from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext
+from modelyard.core.errors import ModelLoadError, ModelNotReadyError, UnsupportedTaskError
+from modelyard.core.types import (
+    ChatRequest,
+    ClassificationRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InferenceRequest,
+    InferenceResult,
+    StreamChunk,
+    Task,
+    TensorRequest,
+)
+
+__all__ = ["OnnxBackend"]
+
+log = logging.getLogger("modelyard.backends.onnx")
+
+_GENERATION = frozenset({Task.CHAT, Task.COMPLETION})
+_REQUEST_TYPES: dict[Task, tuple[type, ...]] = {
+    Task.TENSOR: (TensorRequest,),
+    Task.EMBEDDINGS: (EmbeddingRequest,),
+    Task.CLASSIFICATION: (ClassificationRequest,),
+    Task.COMPLETION: (CompletionRequest,),
+    Task.CHAT: (ChatRequest, CompletionRequest),
+}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_EMBEDDING_OUTPUTS = frozenset({"last_hidden_state", "token_embeddings", "sentence_embedding"})
+
+
+class OnnxBackend(Backend):
+    """Serves an ONNX graph (or an optimum export directory) with onnxruntime."""
+
+    name = "onnx"
+    tasks = frozenset({Task.TENSOR, Task.EMBEDDINGS, Task.CLASSIFICATION, Task.COMPLETION,
+                       Task.CHAT})
+    options_type = OnnxOptions
+
+    def __init__(self, context: LoadContext) -> None:
+        super().__init__(context)
+        self.options: OnnxOptions = context.options
+        # Generations run one after another; batching them would only queue them inside infer.
+        self.max_batch_size = 1 if self.task in _GENERATION else self.options.max_batch_size
+        self._session: Any = None
+        self._runner: Any = None
+        self._info = BackendInfo(platform="onnxruntime")
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        if self.context.path is None:
+            raise ModelLoadError("the onnx backend needs a model path")
+        files = locate(self.context.path, self.options.file)
+        summary = check_model_file(files.model)
+        session, parameters = self._open_session(files)
+        task = self.task or Task.TENSOR
+        runner, extra = _build_runner(task, session, files, self.options)
+        from modelyard.backends.onnx.tensor import spec_of  # noqa: PLC0415 - imports numpy
+
+        self._session, self._runner, self.task = session, runner, task
+        self._info = BackendInfo(
+            inputs=[spec_of(arg) for arg in session.get_inputs()],
+            outputs=[spec_of(arg) for arg in session.get_outputs()],
+            parameters={
+                "task": task.value, **parameters, "model_file": files.model.name,
+                "op_domains": sorted(summary.domains - {"", "ai.onnx"}),
+                "max_batch_size": self.max_batch_size, **extra,
+            },
+            platform="onnxruntime",
+        )
+
+    def _open_session(self, files: ModelFiles) -> tuple[Any, dict[str, Any]]:
+        import onnxruntime as ort  # noqa: PLC0415 - the runtime is imported only to load
+
+        plan, warnings = eps.plan_providers(self.options.provider_list,
+                                            ort.get_available_providers())
+        session_options = _session_options(ort, self.options, files)
+
+        def open_session(providers: list[str]) -> Any:
+            return ort.InferenceSession(
+                str(files.model), sess_options=session_options, providers=providers,
+                provider_options=[self.options.options_for(p) for p in providers],
+            )
+
+        try:
+            session, failed = eps.open_with_fallback(plan, open_session)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            raise ModelLoadError(
+                f"onnxruntime cannot load {files.model.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        active = list(session.get_providers())
+        warnings += failed + eps.report_fallback(plan[:1], active)
+        eps.warn(self.context.model, warnings)
+        return session, {
+            "providers": active,
+            "requested_providers": self.options.provider_list or "auto",
+            "provider_warnings": warnings,
+            "graph_optimization": self.options.graph_optimization,
+            "onnxruntime": ort.__version__,
+        }
+
+    async def unload(self) -> None:
+        self._session = self._runner = None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        runner = self._ready()
+        wanted = _REQUEST_TYPES.get(self.task or Task.TENSOR, ())
+        wrong = [r for r in batch if not isinstance(r, wanted)]
+        if wrong:
+            raise UnsupportedTaskError(
+                f"model {self.context.model!r} serves {self.task}, not {wrong[0].task}"
+            )
+        results: list[InferenceResult] = await asyncio.to_thread(runner.run, batch)
+        return results
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamChunk]:
+        runner = self._ready()
+        if self.task not in _GENERATION or not isinstance(request, ChatRequest | CompletionRequest):
+            raise UnsupportedTaskError(f"model {self.context.model!r} does not stream {request.task}")
+        decoder = await asyncio.to_thread(runner.start, request)
+        while decoder.finish is None:
+            # One token per hop off the loop: closing this generator stops the decoding.
+            piece = await asyncio.to_thread(decoder.step)
+            if decoder.finish is not None:
+                yield StreamChunk(text=piece, finish_reason=decoder.finish,
+                                  prompt_tokens=decoder.prompt_tokens,
+                                  completion_tokens=decoder.completion_tokens)
+            elif piece:
+                yield StreamChunk(text=piece)
+
+    def _ready(self) -> Any:
+        if self._runner is None:
+            raise ModelNotReadyError(f"model {self.context.model!r} is not loaded")
+        return self._runner
+
+    async def health(self) -> HealthReport:
+        if self._session is None:
+            return HealthReport(healthy=False, detail="no onnxruntime session")
+        return HealthReport(healthy=True)
+
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @classmethod
+    def detect_task(cls, path: Path | None, options: Any) -> Task | None:
+        """Tell the task from config.json and the graph's inputs and outputs."""
+        if path is None:
+            return None
+        files = locate(path, getattr(options, "file", "model.onnx"))
+        return task_of(files, check_model_file(files.model))
+
+
+def task_of(files: ModelFiles, summary: GraphSummary) -> Task:
+    """Decoder with past -> chat/completion; sequence classifier -> classification; an encoder
+    with a tokenizer -> embeddings; anything else -> tensor."""
+    config = files.config
+    architectures = [str(a) for a in config.get("architectures") or []]
+    texty = files.tokenizer_path is not None and "input_ids" in summary.inputs
+    if not texty:
+        return Task.TENSOR
+    causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures)
+    if causal or any(name.startswith("past_key_values.") for name in summary.inputs):
+        return Task.CHAT if files.chat_template() else Task.COMPLETION
+    if any(a.endswith("ForSequenceClassification") for a in architectures) or (
+        summary.outputs == ["logits"] and config.get("id2label")
+    ):
+        return Task.CLASSIFICATION
+    if _EMBEDDING_OUTPUTS & set(summary.outputs):
+        return Task.EMBEDDINGS
+    return Task.TENSOR
+
+
+def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[options.graph_optimization]
+    so.log_severity_level = 3  # errors only: onnxruntime's warnings are not for API clients
+    if options.intra_op_threads is not None:
+        so.intra_op_num_threads = options.intra_op_threads
+    if options.inter_op_threads is not None:
+        so.inter_op_num_threads = options.inter_op_threads
+        if options.inter_op_threads > 1:
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    if options.optimized_model_path:
+        target = Path(options.optimized_model_path).expanduser()
+        target = target if target.is_absolute() else files.root / target
+        if target.resolve() == files.model.resolve():
+            raise ModelLoadError("optimized_model_path must not overwrite the model file")
+        so.optimized_model_filepath = str(target)
+    return so
+
+
+def _build_runner(
+    task: Task, session: Any, files: ModelFiles, options: OnnxOptions
+) -> tuple[Any, dict[str, Any]]:
+    """The task object that turns core requests into session runs, plus what info() shows."""
+    # Task modules import numpy and tokenizers; they load with the model, not the plugin.
+    if task == Task.TENSOR:
+        from modelyard.backends.onnx.tensor import TensorTask  # noqa: PLC0415
+
+        return TensorTask(session), {}
+    if task in _GENERATION:
+        from modelyard.backends.onnx.generation import GenerationTask  # noqa: PLC0415
+
+        runner = GenerationTask(session, files)
+        return runner, {"context_length": runner.context,
+                        "chat_template": runner.chat_template is not None}
+    from modelyard.backends.onnx.text import TextEncoder  # noqa: PLC0415
+
+    graph_inputs = {arg.name: arg.type for arg in session.get_inputs()}
+    encoder = TextEncoder(files, graph_inputs, files.max_length(options.max_length))
+    if task == Task.EMBEDDINGS:
+        from modelyard.backends.onnx.embeddings import EmbeddingTask  # noqa: PLC0415
+
+        embed = EmbeddingTask(session, encoder, pooling=options.pooling,
+                              normalize=options.normalize, rows_per_run=options.max_batch_size)
+        return embed, {"dimensions": embed.dimensions, "pooling": options.pooling,
+                       "normalize": options.normalize, "max_length": encoder.max_length,
+                       "output": embed.output}
+    from modelyard.backends.onnx.classification import ClassificationTask  # noqa: PLC0415
+
+    classify = ClassificationTask(session, encoder, files.config,
+                                  rows_per_run=options.max_batch_size)
+    return classify, {"labels": classify.labels, "max_length": encoder.max_length}
