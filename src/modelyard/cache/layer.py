@@ -1,0 +1,364 @@
+"""``CacheLayer``: read through the tiers, promote hits, coalesce identical requests, store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from modelyard.cache.codec import CorruptValue, ResultCodec
+from modelyard.cache.keys import KeyFields, cache_key, derive_secrets, is_cacheable, request_fields
+from modelyard.core.cache_tier import CacheTier
+from modelyard.core.types import GenerationResult, InferenceRequest, InferenceResult, StreamChunk
+
+__all__ = ["CacheLayer", "Outcome", "PurgeGenerations", "replay_stream"]
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["hit", "miss"]
+Run = Callable[[], Awaitable[InferenceResult]]
+StartStream = Callable[[], Awaitable[AsyncIterator[StreamChunk]]]
+
+GENERATIONS_FILE = "generations.json"
+_ALL = ""  # the generation every key carries; purging everything changes it
+
+
+class PurgeGenerations:
+    """A token per model that is part of every key: changing it orphans the model's entries.
+
+    This is the purge index. Tiers need no way to list keys (Redis, memcached and a plain
+    LRU have none that scales), and a purge is one small file write whatever the entry count.
+    Orphans are never read again and leave through each tier's LRU or TTL. The tokens are
+    random and persisted (0600, next to the secret), so a restart does not revive purged
+    entries.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self._path = directory / GENERATIONS_FILE if directory is not None else None
+        self._tokens: dict[str, str] = self._load()
+
+    def _load(self) -> dict[str, str]:
+        if self._path is None or not self._path.exists():
+            return {}
+        try:
+            raw = json.loads(self._path.read_text())
+        except (OSError, ValueError) as exc:
+            # Unknown generations could revive purged entries: start a fresh world instead.
+            log.warning("cannot read %s (%s); every cached entry is treated as purged", self._path, exc)
+            return {_ALL: secrets.token_hex(8)}
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            return {_ALL: secrets.token_hex(8)}
+        return {str(k): v for k, v in raw.items()}
+
+    def token(self, model: str) -> str:
+        return f"{self._tokens.get(_ALL, '')}/{self._tokens.get(model, '')}"
+
+    def bump(self, model: str | None) -> None:
+        self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
+        self._save()
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(self._tokens, out)
+        os.replace(tmp, self._path)
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    refreshes: int = 0
+    errors: int = 0
+    corrupt: int = 0
+    tier_errors: int = 0
+    tier_hits: dict[str, int] = field(default_factory=dict)
+
+
+class _Flight:
+    """One lookup (and, on a miss, one backend call) that identical requests share."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[tuple[InferenceResult, Outcome]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        # Followers may all have gone (client disconnects); the error is still "retrieved".
+        self.answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.task: asyncio.Task[None] | None = None
+
+
+class CacheLayer:
+    """The response cache in front of the backends.
+
+    ``tiers`` are read in order; a hit in a lower tier is copied into every tier above it.
+    Values are MAC'd with a key derived from ``secret``, so a tier shared with other writers
+    (or edited on disk) can make us miss but never makes us serve bytes we did not write.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[CacheTier],
+        *,
+        secret: bytes | str,
+        generations: PurgeGenerations | None = None,
+    ) -> None:
+        if not tiers:
+            raise ValueError("a cache layer needs at least one tier")
+        self.tiers = list(tiers)
+        self._key_secret, mac_secret = derive_secrets(secret)
+        self._codec = ResultCodec(mac_secret)
+        self._generations = generations if generations is not None else PurgeGenerations(None)
+        self._flights: dict[bytes, _Flight] = {}
+        self._stats = LayerStats(tier_hits={self._tier_label(i): 0 for i in range(len(self.tiers))})
+
+    def _tier_label(self, index: int) -> str:
+        return f"{index}:{self.tiers[index].name}"
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def key_for(
+        self,
+        request: InferenceRequest,
+        *,
+        model: str,
+        version: str,
+        weights_digest: str,
+        backend: str,
+        backend_version: str,
+        tenant: str,
+    ) -> bytes | None:
+        """The key of ``request`` as served by that exact version; None if it is not cacheable."""
+        if not is_cacheable(request):
+            return None
+        task, params, payload = request_fields(request)
+        fields = KeyFields(
+            model=model, version=version, weights_digest=weights_digest, backend=backend,
+            backend_version=backend_version, tenant=tenant,
+            generation=self._generations.token(model), task=task, params=params, input=payload,
+        )
+        return cache_key(self._key_secret, fields)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    async def lookup_or_run(
+        self, key: bytes, run: Run, *, refresh: bool = False
+    ) -> tuple[InferenceResult, Outcome]:
+        """The cached answer, or ``run()``'s (then stored); identical concurrent keys share one.
+
+        ``refresh`` (``Cache-Control: no-cache``) skips the read and stores the fresh answer.
+        Errors are never cached; every request waiting on a failed call gets the error.
+        """
+        if refresh:
+            self._stats.refreshes += 1
+            result = await run()
+            await self._store(key, result)
+            return result, "miss"
+        flight = self._flights.get(key)
+        if flight is not None:
+            self._stats.coalesced += 1
+            result, _ = await asyncio.shield(flight.answer)
+            return result, "hit"
+        flight = _Flight()
+        self._flights[key] = flight
+        flight.task = asyncio.get_running_loop().create_task(self._fly(key, run, flight))
+        return await asyncio.shield(flight.answer)
+
+    async def _fly(self, key: bytes, run: Run, flight: _Flight) -> None:
+        # Runs as its own task: a leader whose client disconnects does not cancel the
+        # followers' answer, and the store finishes even if nobody waits any more.
+        try:
+            cached = await self._read(key)
+            if cached is not None:
+                self._stats.hits += 1
+                flight.answer.set_result((cached, "hit"))
+                return
+            self._stats.misses += 1
+            try:
+                result = await run()
+            except asyncio.CancelledError:
+                flight.answer.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                self._stats.errors += 1
+                flight.answer.set_exception(exc)
+                return
+            flight.answer.set_result((result, "miss"))
+            # The flight stays registered until the store is done, so requests arriving in
+            # between join it instead of missing.
+            await self._store(key, result)
+        finally:
+            if not flight.answer.done():
+                flight.answer.cancel()
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def lookup(self, key: bytes) -> InferenceResult | None:
+        """Read through the tiers (promoting a lower hit); None on a miss."""
+        return await self._read(key)
+
+    async def _read(self, key: bytes) -> InferenceResult | None:
+        for index, tier in enumerate(self.tiers):
+            try:
+                value = await tier.get(key)
+            except Exception:  # noqa: BLE001 - a failing tier is a miss, never a failed request
+                self._stats.tier_errors += 1
+                log.warning("cache tier %s failed on get", tier.name, exc_info=True)
+                continue
+            if value is None:
+                continue
+            try:
+                result = self._codec.decode(value)
+            except CorruptValue as exc:
+                self._stats.corrupt += 1
+                log.warning("cache tier %s held a corrupt entry (%s); removed", tier.name, exc)
+                await self._quietly(tier, "delete", key)
+                continue
+            self._stats.tier_hits[self._tier_label(index)] += 1
+            for upper in self.tiers[:index]:
+                await self._quietly(upper, "set", key, value)
+            return result
+        return None
+
+    async def store(self, key: bytes, result: InferenceResult) -> None:
+        """Store an answer in every tier (what a miss does)."""
+        await self._store(key, result)
+
+    async def _store(self, key: bytes, result: InferenceResult) -> None:
+        value = self._codec.encode(result)
+        for tier in self.tiers:
+            await self._quietly(tier, "set", key, value)
+
+    async def _quietly(self, tier: CacheTier, op: Literal["set", "delete"], *args: bytes) -> None:
+        try:
+            await getattr(tier, op)(*args)
+        except Exception:  # noqa: BLE001 - the answer is good even if a tier cannot keep it
+            self._stats.tier_errors += 1
+            log.warning("cache tier %s failed on %s", tier.name, op, exc_info=True)
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def stream_through(
+        self, key: bytes, start: StartStream, *, refresh: bool = False
+    ) -> tuple[AsyncIterator[StreamChunk], Outcome]:
+        """A cached generation replayed as a stream, or the backend's stream, stored at its end.
+
+        Only a stream that reaches its final chunk is stored; one the client abandons is not.
+        """
+        if refresh:
+            self._stats.refreshes += 1
+        else:
+            cached = await self._cached_or_in_flight(key)
+            if isinstance(cached, GenerationResult):
+                return replay_stream(cached), "hit"
+            self._stats.misses += 1
+        chunks = await start()
+        return self._recording(key, chunks), "miss"
+
+    async def _cached_or_in_flight(self, key: bytes) -> InferenceResult | None:
+        flight = self._flights.get(key)
+        if flight is not None:
+            # An identical non-streamed request is running: share its answer.
+            self._stats.coalesced += 1
+            result, _ = await asyncio.shield(flight.answer)
+            return result
+        cached = await self._read(key)
+        if cached is not None:
+            self._stats.hits += 1
+        return cached
+
+    async def _recording(
+        self, key: bytes, chunks: AsyncIterator[StreamChunk]
+    ) -> AsyncIterator[StreamChunk]:
+        texts: list[str] = []
+        final: StreamChunk | None = None
+        try:
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    final = chunk
+                yield chunk
+        finally:
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                await closer()
+        if final is not None and final.finish_reason is not None:
+            result = GenerationResult(
+                text="".join(texts), finish_reason=final.finish_reason,
+                prompt_tokens=final.prompt_tokens or 0,
+                completion_tokens=final.completion_tokens or 0,
+            )
+            await self._store(key, result)
+
+    # -- administration ------------------------------------------------------------------
+
+    async def purge(self, model: str | None = None) -> None:
+        """Make every entry of ``model`` (or every entry) unreachable, at once, in every tier.
+
+        ``None`` also clears each tier; a tier that cannot clear is logged, its entries being
+        unreachable anyway.
+        """
+        self._generations.bump(model)
+        if model is None:
+            for tier in self.tiers:
+                try:
+                    await tier.clear()
+                except Exception:  # noqa: BLE001
+                    self._stats.tier_errors += 1
+                    log.warning("cache tier %s failed to clear", tier.name, exc_info=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start plus each tier's own ``stats()`` where it has one."""
+        s = self._stats
+        looked = s.hits + s.misses
+        tiers = []
+        for i, tier in enumerate(self.tiers):
+            own = getattr(tier, "stats", None)
+            tiers.append({
+                "tier": tier.name, "hits": s.tier_hits[self._tier_label(i)],
+                **(own() if callable(own) else {}),
+            })
+        return {
+            "hits": s.hits, "misses": s.misses, "coalesced": s.coalesced,
+            "refreshes": s.refreshes, "errors": s.errors, "corrupt": s.corrupt,
+            "tier_errors": s.tier_errors, "in_flight": len(self._flights),
+            "hit_ratio": round(s.hits / looked, 4) if looked else 0.0,
+            "tiers": tiers,
+        }
+
+    async def close(self) -> None:
+        """Cancel lookups still waiting on a backend, let pending stores finish, close tiers."""
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        for flight in self._flights.values():
+            if flight.task is not None and not flight.answer.done():
+                flight.task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for tier in self.tiers:
+            try:
+                await tier.close()
+            except Exception:  # noqa: BLE001
+                log.warning("cache tier %s failed to close", tier.name, exc_info=True)
+
+
+_PIECES = re.compile(r"\s*\S+|\s+")
+
+
+async def replay_stream(result: GenerationResult) -> AsyncIterator[StreamChunk]:
+    """A cached generation as a stream: word-sized pieces, then the final chunk with usage."""
+    for piece in _PIECES.findall(result.text):
+        yield StreamChunk(text=piece)
+    yield StreamChunk(
+        text="", finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
