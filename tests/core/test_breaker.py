@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -395,3 +398,10 @@ def test_settings_decode_with_paths_in_errors() -> None:
         msgspec.convert({"failure_rate_threshold": 150}, BreakerSettings)
     with pytest.raises(msgspec.ValidationError, match="max_wait_in_open_ms must be at least"):
         msgspec.convert({"wait_in_open_ms": 10_000, "max_wait_in_open_ms": 1000}, BreakerSettings)
+
+
+def test_the_documented_breaker_table_is_the_defaults() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+    table = tomllib.loads(next(b for b in blocks if "[models.breaker]" in b))
+    assert msgspec.convert(table["models"][0]["breaker"], BreakerSettings) == BreakerSettings()

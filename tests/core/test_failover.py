@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -300,3 +303,13 @@ async def test_availability_raising_not_found_skips_the_target(fake_clock: FakeC
     answer = await chain.run(fleet.call)
     assert answer.target == Target("b")
     assert answer.attempts[0].reason == "model 'a' does not exist"
+
+
+def test_the_documented_alias_table_builds() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+    table = tomllib.loads(next(b for b in blocks if "[[aliases]]" in b))
+    aliases = [Alias(a["name"], a["targets"]) for a in table["aliases"]]
+    assert build_chains(aliases, VERSIONS)["chat"].targets == (
+        Target("smollm2-135m-instruct"), Target("gemma-3-270m", "1"),
+    )
