@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from modelyard.core.errors import ModelyardError
 
@@ -82,6 +82,10 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
             detail = "; ".join(
                 f"{e['key']}: {e['message']}" if e["key"] else e["message"] for e in extra["errors"]
             ) or detail
+    if isinstance(exc.__cause__, SerializationException):
+        # Litestar passes on msgspec's bare text ("Input data was truncated"); say what it is.
+        slug = "malformed-json"
+        detail = f"malformed JSON in request body: {exc.detail}"
     if status == 413:
         detail = "request body exceeds the server's limit"
     if status >= 500:
