@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from msgspec import Meta, Struct
 
@@ -130,7 +130,7 @@ class Permit:
     the breaker's clock from the moment the permit was granted.
     """
 
-    __slots__ = ("_breaker", "_epoch", "started_at", "done")
+    __slots__ = ("_breaker", "_epoch", "done", "started_at")
 
     def __init__(self, breaker: CircuitBreaker, epoch: int, started_at: float) -> None:
         self._breaker = breaker
@@ -162,7 +162,7 @@ class Permit:
             duration_s = self._breaker.clock() - self.started_at
         self._breaker._record(self._epoch, failed=failed, duration_s=duration_s)
 
-    def __enter__(self) -> Permit:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -174,7 +174,7 @@ class Permit:
         else:
             self.failure(exc)
 
-    async def __aenter__(self) -> Permit:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
