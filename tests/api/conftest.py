@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +16,11 @@ from litestar import Litestar
 from modelyard.api.app import create_app
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
-from modelyard.core.settings import Settings
+from modelyard.core.settings import Settings, load_settings
+from modelyard.testing import LiveServer, run_live_server
+from modelyard.testing import plugin as fake_plugin
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "echo.toml"
 
 #: Markers of leaked internals that must never reach a client.
 LEAKS = ("Traceback", 'File "', "site-packages", ".py\", line")
@@ -82,3 +88,19 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
 @pytest.fixture
 def problem() -> Callable[[httpx.Response, int], dict[str, Any]]:
     return assert_problem
+
+
+@pytest.fixture(scope="module")
+def live_echo() -> Iterator[LiveServer]:
+    """examples/echo.toml (echo: chat, echo-embed: embeddings dim 16, doubler: tensor) served
+    by a real uvicorn on 127.0.0.1, ready before the first test."""
+    host = PluginHost(allow=())
+    host.register(fake_plugin, name="testing", source="modelyard.testing")
+    app = create_app(load_settings(EXAMPLE, env={}), plugins=host)
+    with run_live_server(app) as server:
+        deadline = time.monotonic() + 30
+        # Bounded poll of the public readiness probe: loading happens in the server's loop.
+        while httpx.get(f"{server.url}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "live server never became ready"
+            time.sleep(0.01)
+        yield server
