@@ -211,6 +211,17 @@ class HangingBackend(EchoBackend):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.release = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def load(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    def open_gate(self) -> None:
+        """Let every waiting call finish; safe to call from any thread (e.g. a test's)."""
+        if self._loop is None:
+            self.release.set()
+        else:
+            self._loop.call_soon_threadsafe(self.release.set)
 
     async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
         self.calls.append(len(batch))
@@ -223,7 +234,7 @@ class HangingBackend(EchoBackend):
 
 
 class CountingBackend(EchoBackend):
-    """An echo that records every batch size in ``calls`` (shared by all instances of a test)."""
+    """An echo that records every batch size it was given in ``calls`` (per instance)."""
 
     name = "counting"
 

@@ -38,12 +38,21 @@ def run_live_server(app: Litestar, *, host: str = "127.0.0.1", startup_timeout: 
     port = _free_port(host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="modelyard-live-server", daemon=True)
+    exit_codes: list[object] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn's answer to a failed startup; keep it off the thread
+            exit_codes.append(exc.code)
+
+    thread = threading.Thread(target=serve, name="modelyard-live-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError("live server exited during startup")
+            code = f" (exit code {exit_codes[0]})" if exit_codes else ""
+            raise RuntimeError(f"live server exited during startup{code}; see its log")
         if time.monotonic() > deadline:
             server.should_exit = True
             raise RuntimeError("live server did not start in time")
