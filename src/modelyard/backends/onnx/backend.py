@@ -78,11 +78,12 @@ class OnnxBackend(Backend):
         self._info = BackendInfo(
             inputs=[spec_of(arg) for arg in session.get_inputs()],
             outputs=[spec_of(arg) for arg in session.get_outputs()],
-            parameters={
+            parameters=_compact({
                 "task": task.value, **parameters, "model_file": files.model.name,
+                # Operators outside the standard set: worth seeing next to the providers.
                 "op_domains": sorted(summary.domains - {"", "ai.onnx"}),
                 "max_batch_size": self.max_batch_size, **extra,
-            },
+            }),
             platform="onnxruntime",
         )
 
@@ -187,6 +188,11 @@ def task_of(files: ModelFiles, summary: GraphSummary) -> Task:
     if _EMBEDDING_OUTPUTS & set(summary.outputs):
         return Task.EMBEDDINGS
     return Task.TENSOR
+
+
+def _compact(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Drop empty entries: ``modelyard models --url`` prints every parameter on one line."""
+    return {k: v for k, v in parameters.items() if v not in (None, [], {}, "")}
 
 
 def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +90,13 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     report("exporting to ONNX (optimum)", 15.0)
     try:
-        main_export(
-            str(src), output=out, task=optimum_task, library_name="transformers",
-            do_validation=False, local_files_only=True,
-        )
+        # Tracer and deprecation warnings speak to exporter developers, not to our users.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main_export(
+                str(src), output=out, task=optimum_task, library_name="transformers",
+                do_validation=False, local_files_only=True,
+            )
     except Exception as exc:  # noqa: BLE001 - optimum and torch raise many unrelated types
         raise ModelLoadError(f"optimum could not export {src.name}: {type(exc).__name__}: {exc}") from None
     _copy_side_files(src, out)
