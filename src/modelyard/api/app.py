@@ -14,6 +14,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from modelyard import __version__
 from modelyard.api.admin import AdminController
+from modelyard.api.disconnect import CancelOnDisconnect
 from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
 from modelyard.api.v2 import V2Controller
@@ -77,6 +78,7 @@ def create_app(
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=_openapi(),
         lifespan=[lifespan],
+        middleware=[CancelOnDisconnect],
         state=State(app_state),
         debug=False,
     )
