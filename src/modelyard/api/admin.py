@@ -41,7 +41,10 @@ class AdminController(Controller):
     @get("/models")
     async def models(self, service: InferenceService) -> dict[str, Any]:
         """Every model with its versions, states, load progress and runtime parameters."""
-        return {"models": service.describe(), "ready": service.ready()}
+        return {
+            "models": service.describe(), "aliases": service.describe_aliases(),
+            "ready": service.ready(),
+        }
 
     @post("/models/{name:str}/versions", status_code=202)
     async def add_version(

@@ -95,6 +95,7 @@ def _metadata(entry: ModelEntry, version: ModelVersion) -> dict[str, Any]:
         "backend": version.spec.backend.name,
         "state": version.state.value if version.state else None,
         "active_version": entry.active_version,
+        "breaker": version.breaker.snapshot(),
         **(info.parameters if info else {}),
     }
     return {
@@ -278,6 +279,12 @@ class V2Controller(Controller):
     async def model_metadata(
         self, name: str, service: InferenceService, version: str | None = None
     ) -> dict[str, Any]:
+        chain = service.aliases.get(name)
+        if chain is not None and version is None:
+            found = service.resolve(name)
+            meta = _metadata(service.registry.entry(found.name), found)
+            meta["parameters"]["alias_of"] = [str(t) for t in chain.targets]
+            return {**meta, "name": name, "versions": []}
         entry = service.registry.entry(name)
         found = service.registry.get(name, version) if version else (entry.active or _first(entry))
         return _metadata(entry, found)
@@ -286,7 +293,7 @@ class V2Controller(Controller):
     async def model_ready(
         self, name: str, service: InferenceService, version: str | None = None
     ) -> dict[str, Any]:
-        found = service.registry.get(name, version)
+        found = service.resolve(name) if version is None else service.registry.get(name, version)
         return {"name": name, "version": found.version, "ready": True}
 
     @post(["/models/{name:str}/infer", "/models/{name:str}/versions/{version:str}/infer"],
@@ -297,7 +304,7 @@ class V2Controller(Controller):
     ) -> Response[bytes]:
         """Infer with JSON tensors or the binary tensor data extension."""
         body, binary = _parse_body(await request.body(), request.headers.get(HEADER_LENGTH))
-        target = service.registry.get(name, version)
+        target = service.resolve(name) if version is None else service.registry.get(name, version)
         core_request = to_request(target, body, _tensors(body, binary))
         answered, result = await service.infer(name, core_request, version=version)
         return _respond(answered, body, to_tensors(result))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from modelyard.core.breaker import CircuitBreaker
 from modelyard.core.errors import ModelNotFoundError, ModelNotReadyError
 from modelyard.core.settings import ModelSpec
 from modelyard.core.types import Task
@@ -36,6 +38,8 @@ class ModelVersion:
         self,
         spec: ModelSpec,
         on_state: Callable[[ModelVersion, VersionState | None, VersionState], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -48,6 +52,9 @@ class ModelVersion:
         self.phase: str = "queued"
         self._state: VersionState | None = None
         self._on_state = on_state
+        self.breaker = CircuitBreaker(
+            f"model {spec.name!r} version {spec.version!r}", spec.breaker, clock=clock
+        )
 
     @property
     def state(self) -> VersionState | None:
@@ -78,6 +85,7 @@ class ModelVersion:
             "progress": round(self.progress, 1),
             "error": self.error or None,
             "parameters": info.parameters if info else {},
+            "breaker": self.breaker.snapshot(),
         }
 
 

@@ -25,6 +25,13 @@ from modelyard.core.errors import (
     TimeoutError_,
     UnsupportedTaskError,
 )
+from modelyard.core.failover import (
+    Availability,
+    FailoverChain,
+    Target,
+    breaker_availability,
+    build_chains,
+)
 from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
 from modelyard.core.settings import ModelSpec, Settings, decode_settings, resolve_models
@@ -56,6 +63,11 @@ class InferenceService:
         self.plugins = plugins
         self.registry = ModelRegistry()
         self.specs: list[ModelSpec] = resolve_models(settings, plugins.backends)
+        versions: dict[str, list[str]] = {}
+        for spec in self.specs:
+            versions.setdefault(spec.name, []).append(spec.version)
+        #: Alias name -> its failover chain of targets.
+        self.aliases: dict[str, FailoverChain] = build_chains(settings.aliases, versions)
         self._clock = clock
         self._resolve_source = source_resolver
         self._loader: asyncio.Task[None] | None = None
@@ -88,7 +100,7 @@ class InferenceService:
         self.started_at = self._clock()
         self.plugins.server_startup(self)
         for spec in self.specs:
-            version = ModelVersion(spec, self._state_changed)
+            version = ModelVersion(spec, self._state_changed, clock=self._clock)
             self.registry.add(version)
             version.set_state(VersionState.LOADING)
         self._loader = asyncio.get_running_loop().create_task(self._load_configured())
@@ -154,6 +166,7 @@ class InferenceService:
             clock=self._clock,
         )
         version.batcher.start()
+        version.breaker.reset()  # a reloaded version starts with a clean record
         version.progress, version.phase = 100.0, "ready"
         version.set_state(VersionState.READY)
         if activate:
@@ -286,6 +299,7 @@ class InferenceService:
             (msgspec.to_builtins(template.options) if backend_cls is template.backend else {}),
             "required": False,
             "batching": msgspec.to_builtins(template.batching),
+            "breaker": msgspec.to_builtins(template.breaker),
         }
         try:
             settings = decode_settings({"models": [raw]}, env={})
@@ -294,7 +308,7 @@ class InferenceService:
             # Re-root the path at the request body rather than a config file.
             raise ConfigError(exc.detail.replace("$.models[0]", "$", 1)) from None
         spec = msgspec.structs.replace(spec, active=False, required=template.required)
-        version = ModelVersion(spec, self._state_changed)
+        version = ModelVersion(spec, self._state_changed, clock=self._clock)
         self.registry.add(version)
         version.set_state(VersionState.LOADING)
         self._spawn(self._load_locked(version))
@@ -383,11 +397,58 @@ class InferenceService:
             raise UnsupportedTaskError(f"model {model!r} serves {served}, not {task.value}")
         return found
 
+    def _alias(self, model: str, version: str | None) -> FailoverChain | None:
+        chain = self.aliases.get(model)
+        if chain is not None and version is not None:
+            raise ModelNotFoundError(f"{model!r} is an alias; it has no version {version!r}")
+        return chain
+
+    def _target_availability(self, target: Target, task: Task) -> Availability:
+        found = self.registry.get(target.model, target.version)  # 404/503: the chain skips it
+        if not serves(found, task):
+            served = found.task.value if found.task else "nothing"
+            return Availability.down(f"serves {served}, not {task.value}")
+        return breaker_availability(found.breaker)
+
+    def resolve(self, model: str, task: Task | None = None) -> ModelVersion:
+        """The version a request for ``model`` (a model or an alias) would reach first now."""
+        chain = self.aliases.get(model)
+        if chain is None:
+            return self.registry.get(model)
+        for target in chain.targets[:-1]:
+            if task is None or self._target_availability(target, task).up:
+                try:
+                    return self.registry.get(target.model, target.version)
+                except ModelyardError:
+                    continue
+        last = chain.targets[-1]
+        return self.registry.get(last.model, last.version)
+
     async def infer(
         self, model: str, request: InferenceRequest, *, version: str | None = None
     ) -> tuple[ModelVersion, InferenceResult]:
-        """Run one request through the version's batcher; 504 past the request timeout."""
+        """Run one request (a model's, or an alias's through its failover chain)."""
+        chain = self._alias(model, version)
+        if chain is None:
+            return await self._infer_one(model, request, version)
+        answer = await chain.run(
+            lambda t: self._infer_one(t.model, request, t.version),
+            availability=lambda t: self._target_availability(t, request.task),
+        )
+        return answer.value
+
+    async def _infer_one(
+        self, model: str, request: InferenceRequest, version: str | None
+    ) -> tuple[ModelVersion, InferenceResult]:
+        """Through the version's breaker and batcher; 504 past the request timeout."""
         found = self._serving(model, request.task, version)
+        assert found.batcher is not None
+        with found.breaker.acquire():  # 503 + Retry-After while open; records the outcome
+            return await self._submit(found, model, request)
+
+    async def _submit(
+        self, found: ModelVersion, model: str, request: InferenceRequest
+    ) -> tuple[ModelVersion, InferenceResult]:
         assert found.batcher is not None
         try:
             async with asyncio.timeout(self.settings.server.request_timeout_s):
@@ -410,21 +471,35 @@ class InferenceService:
         self, model: str, request: InferenceRequest, *, version: str | None = None
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         """Start a streamed generation; the first chunk is awaited so errors surface before 200."""
+        chain = self._alias(model, version)
+        if chain is None:
+            return await self._stream_one(model, request, version)
+        answer = await chain.run(
+            lambda t: self._stream_one(t.model, request, t.version),
+            availability=lambda t: self._target_availability(t, request.task),
+        )
+        return answer.value
+
+    async def _stream_one(
+        self, model: str, request: InferenceRequest, version: str | None
+    ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         found = self._serving(model, request.task, version)
         backend = found.backend
         assert backend is not None
         if not backend.supports_streaming:
             raise UnsupportedTaskError(f"model {model!r} does not stream")
-        chunks = aiter(backend.stream(request))
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        except ModelyardError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            log.exception("stream from %s failed to start", model)
-            raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
+        # The breaker hears about the start only: for a stream, "slow" is time to first token.
+        with found.breaker.acquire():
+            chunks = aiter(backend.stream(request))
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
+            except ModelyardError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.exception("stream from %s failed to start", model)
+                raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
         return found, _prepend(first, chunks)
 
     # -- canary --------------------------------------------------------------------------
@@ -498,6 +573,21 @@ class InferenceService:
             }
             for entry in self.registry
         ]
+
+    def describe_aliases(self) -> list[dict[str, Any]]:
+        """Every alias, its failover counters and the breaker state of each target."""
+        rows = []
+        for chain in self.aliases.values():
+            row = chain.describe()
+            row["target_states"] = {str(t): self._target_state(t) for t in chain.targets}
+            rows.append(row)
+        return rows
+
+    def _target_state(self, target: Target) -> str:
+        try:
+            return self.registry.get(target.model, target.version).breaker.state.value
+        except ModelyardError as exc:
+            return f"unavailable: {exc.detail}"
 
     def _state_changed(
         self, version: ModelVersion, old: VersionState | None, new: VersionState

@@ -14,10 +14,12 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from modelyard.core.backend import Backend
+from modelyard.core.breaker import BreakerSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.types import Task
 
 __all__ = [
+    "AliasSettings",
     "BatchingSettings",
     "ModelSettings",
     "ModelSpec",
@@ -79,6 +81,15 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     required: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+
+
+class AliasSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[[aliases]]``: one name answered by the first of its targets that can."""
+
+    name: ModelName
+    #: ``model`` (its active version) or ``model:version``, tried in order.
+    targets: Annotated[list[str], Meta(min_length=1)]
 
 
 class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -86,6 +97,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     #: Where ``demo:`` and ``pypi:`` sources are prepared; defaults to the user cache dir.
     cache_dir: str | None = None
     models: list[ModelSettings] = field(default_factory=list)
+    aliases: list[AliasSettings] = field(default_factory=list)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
@@ -101,6 +113,7 @@ class ModelSpec(Struct, frozen=True, kw_only=True):
     required: bool
     batching: BatchingSettings
     config_path: str
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
 def decode_settings(raw: Mapping[str, Any] | bytes | str, *, env: Mapping[str, str] | None = None) -> Settings:
@@ -167,7 +180,7 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
             ModelSpec(
                 name=entry.name, version=entry.version, backend=cls, source=entry.source,
                 task=entry.task, options=options, active=bool(entry.active), required=entry.required,
-                batching=entry.batching, config_path=where,
+                batching=entry.batching, config_path=where, breaker=entry.breaker,
             )
         )
     # A name with no version marked active serves its first listed version.
