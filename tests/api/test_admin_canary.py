@@ -88,3 +88,31 @@ async def test_canary_needs_a_ready_inactive_version(client: httpx.AsyncClient) 
     assert (await client.post("/admin/models/m/canary", json={"to": "7", "percent": 10})).status_code == 404
     r = await client.post("/admin/models/m/canary", json={"to": "1", "percent": 0})
     assert r.status_code == 400
+
+
+async def test_canary_rolls_back_when_its_breaker_opens(
+    make_settings: Callable[..., Settings], plugin_host: PluginHost
+) -> None:
+    # The error-rate rule cannot fire (margin 100%); only the breaker can stop this canary.
+    breaker = {"window_size": 4, "minimum_calls": 4, "failure_rate_threshold": 50}
+    settings = make_settings(
+        server={"canary_min_calls": 1000, "canary_error_margin": 1.0},
+        models=[{"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": breaker}],
+    )
+    service = InferenceService(settings, plugin_host)
+    app = create_app(settings, plugins=plugin_host, service=service)
+    await service.start()
+    await service.wait_until_loaded()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            await _add_ready(c, "2", backend="failing")
+            await c.post("/admin/models/m/canary", json={"to": "2", "percent": 50})
+            statuses = Counter()
+            for _ in range(40):
+                statuses[(await c.post("/v1/chat/completions", json=CHAT)).status_code] += 1
+            assert statuses == {200: 36, 500: 4}  # the 4th failure opened the breaker
+            model = (await c.get("/admin/models")).json()["models"][0]
+            assert model["canary"] is None
+            assert model["last_canary_rollback"] == "the canary's circuit breaker opened"
+    finally:
+        await service.stop()

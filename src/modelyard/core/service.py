@@ -25,6 +25,7 @@ from modelyard.core.errors import (
     TimeoutError_,
     UnsupportedTaskError,
 )
+from modelyard.core.breaker import CircuitState
 from modelyard.core.failover import (
     Availability,
     FailoverChain,
@@ -390,7 +391,7 @@ class InferenceService:
         canary = self._canaries.get(model) if version is None else None
         if canary is not None and canary.pick():
             target = self.registry.entry(model).versions.get(canary.target)
-            if target is not None and target.serving:
+            if target is not None and target.serving and not self._roll_back_canary_if_open(target):
                 found = target
         if not serves(found, task):
             served = found.task.value if found.task else "nothing"
@@ -443,8 +444,11 @@ class InferenceService:
         """Through the version's breaker and batcher; 504 past the request timeout."""
         found = self._serving(model, request.task, version)
         assert found.batcher is not None
-        with found.breaker.acquire():  # 503 + Retry-After while open; records the outcome
-            return await self._submit(found, model, request)
+        try:
+            with found.breaker.acquire():  # 503 + Retry-After while open; records the outcome
+                return await self._submit(found, model, request)
+        finally:
+            self._roll_back_canary_if_open(found)
 
     async def _submit(
         self, found: ModelVersion, model: str, request: InferenceRequest
@@ -544,6 +548,16 @@ class InferenceService:
         reason = canary.rollback_reason(self.registry.entry(version.name).active_version)
         if reason:
             self.stop_canary(version.name, reason=reason)
+
+    def _roll_back_canary_if_open(self, version: ModelVersion) -> bool:
+        """A canary whose circuit breaker opened is rolled back at once; True if it was."""
+        canary = self._canaries.get(version.name)
+        if canary is None or canary.target != version.version:
+            return False
+        if version.breaker.state != CircuitState.OPEN:
+            return False
+        self.stop_canary(version.name, reason="the canary's circuit breaker opened")
+        return True
 
     def traffic(self, name: str) -> dict[str, float]:
         """Share of new requests (percent) each version of ``name`` receives."""
