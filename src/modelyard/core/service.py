@@ -454,14 +454,14 @@ class InferenceService:
         self, found: ModelVersion, model: str, request: InferenceRequest
     ) -> tuple[ModelVersion, InferenceResult]:
         assert found.batcher is not None
+        timeout_ms = found.spec.batching.timeout_ms
+        timeout_s = timeout_ms / 1000.0 if timeout_ms else self.settings.server.request_timeout_s
         try:
-            async with asyncio.timeout(self.settings.server.request_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 result = await found.batcher.submit(request)
         except TimeoutError:
             self._record_outcome(found, failed=True)
-            raise TimeoutError_(
-                f"model {model!r} did not answer within {self.settings.server.request_timeout_s:g}s"
-            ) from None
+            raise TimeoutError_(f"model {model!r} did not answer within {timeout_s:g}s") from None
         except ModelyardError as exc:
             self._record_outcome(found, failed=exc.status_code >= 500)
             raise

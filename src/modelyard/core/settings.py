@@ -66,6 +66,8 @@ class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_queue_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
     #: Requests waiting beyond this are refused with 503 + Retry-After.
     max_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    #: Per-request deadline for this model (queue wait included); default server.request_timeout_s.
+    timeout_ms: Annotated[int, Meta(ge=1)] | None = None
 
 
 class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
