@@ -138,6 +138,9 @@ class DiskTier(CacheTier):
             disk=_RawBytesDisk,
             size_limit=options.max_bytes,
             eviction_policy=options.eviction_policy,
+            # diskcache drops up to cull_limit entries per set once over the limit; its
+            # default 10 can empty a small cache at once, 2 still outpaces one insert.
+            cull_limit=2,
             statistics=False,
         )
 

@@ -86,6 +86,7 @@ def _check_distinct_directories(tiers: list[CacheTier]) -> None:
 
 def _path_first(message: str, prefix: str) -> str:
     """msgspec says 'Problem - at `$.a`'; config errors say '<prefix>.a: Problem'."""
+    message = message.replace("Object contains unknown field", "unknown field")
     match = _AT_PATH.match(message)
     if match is None:
         return f"{prefix}: {message}"

@@ -101,16 +101,15 @@ def _encoder() -> msgspec.msgpack.Encoder:
     return msgspec.msgpack.Encoder(order="deterministic", enc_hook=_enc_hook)
 
 
-def _normalised_params(params: GenerationParams) -> GenerationParams:
-    # Stop strings act as a set; -0.0 and 0.0 mean the same temperature.
-    return msgspec.structs.replace(
-        params,
-        temperature=params.temperature + 0.0,
-        top_p=params.top_p + 0.0,
-        presence_penalty=params.presence_penalty + 0.0,
-        frequency_penalty=params.frequency_penalty + 0.0,
-        stop=tuple(sorted(set(params.stop))),
-    )
+def _normalised_params(params: GenerationParams) -> dict[str, Any]:
+    # Stop strings act as a set, logit biases as a map; -0.0 and 0.0 are one temperature.
+    fields = msgspec.structs.asdict(params)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        fields[name] = float(fields[name]) + 0.0
+    fields["stop"] = sorted(set(params.stop))
+    if params.logit_bias is not None:
+        fields["logit_bias"] = sorted((int(k), float(v) + 0.0) for k, v in params.logit_bias.items())
+    return fields
 
 
 def request_fields(request: InferenceRequest) -> tuple[str, bytes, bytes]:

@@ -172,36 +172,36 @@ class CacheLayer:
         flight = _Flight()
         self._flights[key] = flight
         flight.task = asyncio.get_running_loop().create_task(self._fly(key, run, flight))
+        flight.task.add_done_callback(lambda _: self._land(key, flight))
         return await asyncio.shield(flight.answer)
+
+    def _land(self, key: bytes, flight: _Flight) -> None:
+        # Also runs when the task was cancelled before it started (close), so nobody waits
+        # forever on an answer that will not come.
+        if not flight.answer.done():
+            flight.answer.cancel()
+        if self._flights.get(key) is flight:
+            del self._flights[key]
 
     async def _fly(self, key: bytes, run: Run, flight: _Flight) -> None:
         # Runs as its own task: a leader whose client disconnects does not cancel the
         # followers' answer, and the store finishes even if nobody waits any more.
+        cached = await self._read(key)
+        if cached is not None:
+            self._stats.hits += 1
+            flight.answer.set_result((cached, "hit"))
+            return
+        self._stats.misses += 1
         try:
-            cached = await self._read(key)
-            if cached is not None:
-                self._stats.hits += 1
-                flight.answer.set_result((cached, "hit"))
-                return
-            self._stats.misses += 1
-            try:
-                result = await run()
-            except asyncio.CancelledError:
-                flight.answer.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter
-                self._stats.errors += 1
-                flight.answer.set_exception(exc)
-                return
-            flight.answer.set_result((result, "miss"))
-            # The flight stays registered until the store is done, so requests arriving in
-            # between join it instead of missing.
-            await self._store(key, result)
-        finally:
-            if not flight.answer.done():
-                flight.answer.cancel()
-            if self._flights.get(key) is flight:
-                del self._flights[key]
+            result = await run()
+        except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            self._stats.errors += 1
+            flight.answer.set_exception(exc)
+            return
+        flight.answer.set_result((result, "miss"))
+        # The flight stays registered until the store is done, so requests arriving in
+        # between join it instead of missing.
+        await self._store(key, result)
 
     async def lookup(self, key: bytes) -> InferenceResult | None:
         """Read through the tiers (promoting a lower hit); None on a miss."""
