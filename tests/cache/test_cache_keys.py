@@ -90,8 +90,8 @@ def test_moving_characters_between_adjacent_fields_changes_the_key(a: str, b: st
 
 
 def test_the_classic_ambiguity_is_gone() -> None:
-    base = dict(weights_digest="w", backend="b", backend_version="1", tenant="t",
-                generation="/", task="completion", params=b"", input=b"")
+    base = {"weights_digest": "w", "backend": "b", "backend_version": "1", "tenant": "t",
+                "generation": "/", "task": "completion", "params": b"", "input": b""}
     ab_c = KeyFields(model="ab", version="c", **base)  # type: ignore[arg-type]
     a_bc = KeyFields(model="a", version="bc", **base)  # type: ignore[arg-type]
     assert cache_key(SECRET, ab_c) != cache_key(SECRET, a_bc)

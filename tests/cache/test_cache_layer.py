@@ -46,8 +46,8 @@ def _echo() -> EchoBackend:
 
 
 def _key(layer: CacheLayer, request: InferenceRequest, **overrides: str) -> bytes:
-    fields = dict(model="echo", version="1", weights_digest="w1", backend="echo",
-                  backend_version="0.1", tenant="acme")
+    fields = {"model": "echo", "version": "1", "weights_digest": "w1", "backend": "echo",
+                  "backend_version": "0.1", "tenant": "acme"}
     fields.update(overrides)
     key = layer.key_for(request, **fields)
     assert key is not None
@@ -109,7 +109,7 @@ async def test_a_hit_in_a_lower_tier_is_promoted(tmp_path: Path) -> None:
     memory = MemoryTier(MemoryOptions())
     layer = CacheLayer([memory, DiskTier(disk_options)], secret=SECRET)
     assert await memory.get(key) is None
-    result, outcome = await layer.lookup_or_run(key, counter.run)
+    _result, outcome = await layer.lookup_or_run(key, counter.run)
     assert outcome == "hit" and counter.calls == 1
     assert await memory.get(key) is not None
     assert [t["hits"] for t in layer.stats()["tiers"]] == [0, 1]

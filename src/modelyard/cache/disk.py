@@ -75,7 +75,7 @@ class _RawBytesDisk(diskcache.Disk):  # type: ignore[misc]
         data = super().fetch(mode, filename, value, False)
         if type(data) is not bytes:
             raise UnsafeEntry(f"a row holding {type(data).__name__}")
-        return data  # type: ignore[no-any-return]
+        return data
 
 
 class CorruptEntry(Exception):  # noqa: N818
