@@ -444,3 +444,17 @@ def test_numpy_tensor_outputs_are_cached_as_their_values() -> None:
     decoded = codec.decode(codec.encode(result))
     assert isinstance(decoded, TensorResult)
     assert decoded.outputs[0].data == [1.5, 2.0]
+
+
+async def test_a_purge_by_another_worker_is_seen_without_a_restart(tmp_path: Path) -> None:
+    memory = MemoryTier(MemoryOptions())
+    one = CacheLayer([memory], secret=SECRET, generations=PurgeGenerations(tmp_path))
+    two = CacheLayer([memory], secret=SECRET, generations=PurgeGenerations(tmp_path))
+    request = CompletionRequest("shared directory", GREEDY)
+    assert _key(one, request) == _key(two, request)
+    await one.purge("echo")
+    await two.purge("other")  # must not undo the first worker's purge
+    assert _key(one, request) == _key(two, request)
+    assert _key(one, request, model="other") == _key(two, request, model="other")
+    fresh = CacheLayer([memory], secret=SECRET)
+    assert _key(one, request) != _key(fresh, request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -37,15 +38,27 @@ class PurgeGenerations:
     LRU have none that scales), and a purge is one small file write whatever the entry count.
     Orphans are never read again and leave through each tier's LRU or TTL. The tokens are
     random and persisted (0600, next to the secret), so a restart does not revive purged
-    entries.
+    entries, and workers sharing the directory see each other's purges.
     """
 
     def __init__(self, directory: Path | None) -> None:
         self._path = directory / GENERATIONS_FILE if directory is not None else None
+        self._seen: tuple[int, int] | None = None
         self._tokens: dict[str, str] = self._load()
 
+    def _stamp(self) -> tuple[int, int] | None:
+        assert self._path is not None
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     def _load(self) -> dict[str, str]:
-        if self._path is None or not self._path.exists():
+        if self._path is None:
+            return {}
+        self._seen = self._stamp()
+        if self._seen is None:
             return {}
         try:
             raw = json.loads(self._path.read_text())
@@ -58,20 +71,33 @@ class PurgeGenerations:
         return {str(k): v for k, v in raw.items()}
 
     def token(self, model: str) -> str:
+        # Another worker sharing the directory may have purged: one stat per key tells.
+        if self._path is not None and self._stamp() != self._seen:
+            self._tokens = self._load()
         return f"{self._tokens.get(_ALL, '')}/{self._tokens.get(model, '')}"
 
     def bump(self, model: str | None) -> None:
-        self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
-        self._save()
-
-    def _save(self) -> None:
+        """Give ``model`` (None: every model) a new token, persisted before returning."""
         if self._path is None:
+            self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
             return
-        tmp = self._path.with_name(self._path.name + ".tmp")
+        lock = os.open(self._path.with_name(GENERATIONS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # Read-modify-write under a lock: two workers purging at once both take effect.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._tokens = self._load()
+            self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
+            self._save(self._path)
+        finally:
+            os.close(lock)
+
+    def _save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(self._tokens, out)
-        os.replace(tmp, self._path)
+        os.replace(tmp, path)
+        self._seen = self._stamp()
 
 
 @dataclass
