@@ -1,0 +1,283 @@
+"""The continuous-batching engine, driven by a fake runtime so every step can be inspected."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelyard.backends.llamacpp.engine import Engine, Generation, StopMatcher
+from modelyard.core.errors import BackendError, ServiceUnavailableError
+from modelyard.core.types import GenerationParams, StreamChunk
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+GREEDY = GenerationParams(temperature=0.0)
+
+
+class FakeRuntime:
+    """Stands in for ``LlamaRuntime``: after token t comes t + 1, and token t spells a letter."""
+
+    path = Path("fake.gguf")
+
+    def __init__(
+        self,
+        *,
+        slots: int = 2,
+        n_batch: int = 64,
+        n_ctx_seq: int = 1000,
+        eog: int | None = None,
+        pieces: dict[int, bytes] | None = None,
+        step_cost_s: float = 0.0,
+    ) -> None:
+        self.n_seq_max = slots
+        self.n_batch = n_batch
+        self.n_ctx_seq = n_ctx_seq
+        self.eog = eog
+        self.pieces = pieces or {}
+        self.step_cost_s = step_cost_s
+        self.batches: list[list[tuple[int, int, int, bool]]] = []
+        self.forgotten: list[int] = []
+        self.live_samplers = 0
+        self.fail_with: int | None = None
+        self.closed = threading.Event()
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
+        if self.step_cost_s:
+            time.sleep(self.step_cost_s)  # what a real decode costs; keeps the loop from spinning
+        self.batches.append(list(entries))
+        status, self.fail_with = self.fail_with, None
+        return status or 0
+
+    def sample(self, sampler: Any, index: int) -> int:
+        _, token, _, wants_logits = self.batches[-1][index]
+        assert wants_logits, "sampled a batch entry that has no logits"
+        return token + 1
+
+    def new_sampler(self, params: GenerationParams) -> object:
+        self.live_samplers += 1
+        return object()
+
+    def free_sampler(self, sampler: object) -> None:
+        self.live_samplers -= 1
+
+    def forget(self, seq: int) -> None:
+        self.forgotten.append(seq)
+
+    def is_eog(self, token: int) -> bool:
+        return token == self.eog
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces.get(token, LETTERS[token % 26].encode())
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.fixture
+async def engine_for() -> AsyncIterator[Any]:
+    engines: list[Engine] = []
+
+    def start(runtime: FakeRuntime, *, max_queue: int = 8, prefill_chunk: int = 8) -> Engine:
+        engine = Engine(runtime, max_queue=max_queue, prefill_chunk=prefill_chunk)  # type: ignore[arg-type]
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        await engine.stop()
+
+
+async def collect(generation: Generation) -> list[StreamChunk]:
+    async with asyncio.timeout(10):
+        return [chunk async for chunk in generation.chunks()]
+
+
+def text_of(chunks: list[StreamChunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+# -- stop sequences --------------------------------------------------------------------------
+
+
+def test_stop_matcher_holds_back_a_possible_stop_prefix() -> None:
+    stops = StopMatcher(["</end>", "STOP"])
+    assert stops.push("Hello <") == ("Hello ", False)
+    assert stops.push("/en") == ("", False)
+    assert stops.push("x") == ("</enx", False)
+    assert stops.push("ST") == ("", False)
+    assert stops.push("OP and more") == ("", True)
+
+
+def test_stop_matcher_cuts_at_the_earliest_stop_and_flushes_a_dangling_prefix() -> None:
+    stops = StopMatcher(["bc", "ab"])
+    assert stops.push("xabc") == ("x", True)
+    dangling = StopMatcher(["world"])
+    assert dangling.push("hello wor") == ("hello ", False)
+    assert dangling.flush() == "wor"
+
+
+async def test_a_stop_sequence_spanning_tokens_never_leaks_into_the_stream(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime())
+    params = GenerationParams(temperature=0.0, stop=("efg",))
+    chunks = await collect(engine.submit([0], params, 100))
+    assert text_of(chunks) == "bcd"
+    assert all("e" not in c.text for c in chunks)
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 6)
+
+
+async def test_a_held_back_prefix_that_does_not_complete_is_released(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime())
+    params = GenerationParams(temperature=0.0, stop=("ez",))
+    chunks = await collect(engine.submit([0], params, 6))
+    assert text_of(chunks) == "bcdefg"
+    assert chunks[-1].finish_reason == "length"
+
+
+# -- finishing -------------------------------------------------------------------------------
+
+
+async def test_max_tokens_ends_with_length_and_counts_tokens(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime())
+    chunks = await collect(engine.submit([7, 8, 0], GREEDY, 5))
+    assert text_of(chunks) == "bcdef"
+    last = chunks[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 3, 5)
+
+
+async def test_an_end_of_generation_token_ends_with_stop_and_is_not_text(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime(eog=5))
+    chunks = await collect(engine.submit([0], GREEDY, 100))
+    assert text_of(chunks) == "bcde"
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 4)
+
+
+async def test_the_context_of_a_slot_bounds_generation(engine_for: Any) -> None:
+    runtime = FakeRuntime(n_ctx_seq=10)
+    engine = engine_for(runtime)
+    chunks = await collect(engine.submit([0, 0, 0, 0], GREEDY, 1000))
+    assert chunks[-1].finish_reason == "length"
+    assert max(pos for batch in runtime.batches for _, _, pos, _ in batch) == 9
+
+
+async def test_utf8_split_across_tokens_is_emitted_whole(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime(pieces={1: b"\xc3", 2: b"\xa9", 3: b"!"}))
+    chunks = await collect(engine.submit([0], GREEDY, 3))
+    assert text_of(chunks) == "é!"
+    assert all("\ufffd" not in c.text for c in chunks)
+
+
+# -- batching --------------------------------------------------------------------------------
+
+
+async def test_sequences_decode_together_in_one_batch_per_step(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=3)
+    engine = engine_for(runtime)
+    prompts = [[0], [10, 11], [20, 21, 22]]
+    results = await asyncio.gather(*(collect(engine.submit(p, GREEDY, 4)) for p in prompts))
+    assert [text_of(r) for r in results] == ["bcde", "mnop", "xyza"]
+    decode_steps = [b for b in runtime.batches if all(wants for *_, wants in b)]
+    assert any(len({seq for seq, *_ in b}) == 3 for b in decode_steps)
+    # Every slot ends clean: KV cells dropped, samplers freed.
+    assert sorted(runtime.forgotten) == [0, 1, 2]
+    assert runtime.live_samplers == 0
+
+
+async def test_a_newcomers_prompt_is_fed_in_chunks_between_running_decodes(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=2, n_batch=64, step_cost_s=0.001)
+    engine = engine_for(runtime, prefill_chunk=8)
+    running = engine.submit([0], GREEDY, 200).chunks()
+    await anext(running)  # the first sequence is decoding now
+    newcomer = engine.submit([500] * 40, GREEDY, 2)
+    await collect(newcomer)
+    await running.aclose()
+    prompt_steps = [b for b in runtime.batches if any(tok == 500 for _, tok, _, _ in b)]
+    assert len(prompt_steps) == 5  # 40 prompt tokens, 8 per step
+    for batch in prompt_steps:
+        assert sum(tok == 500 for _, tok, _, _ in batch) == 8
+        # ... and the running stream still got its next token in each of those steps.
+        assert any(tok < 500 and wants for _, tok, _, wants in batch)
+
+
+async def test_an_idle_engine_takes_a_whole_prompt_in_one_step(engine_for: Any) -> None:
+    runtime = FakeRuntime(n_batch=64)
+    engine = engine_for(runtime, prefill_chunk=8)
+    await collect(engine.submit([50] * 40, GREEDY, 1))
+    assert len(runtime.batches[0]) == 40
+
+
+# -- slots, queue and cancellation ------------------------------------------------------------
+
+
+async def test_a_full_queue_answers_503_with_retry_after(engine_for: Any) -> None:
+    engine = engine_for(FakeRuntime(slots=1, step_cost_s=0.001), max_queue=1)
+    running = engine.submit([0], GREEDY, 10_000).chunks()
+    await anext(running)
+    waiting = engine.submit([0], GREEDY, 3)
+    with pytest.raises(ServiceUnavailableError) as refused:
+        engine.submit([0], GREEDY, 3)
+    assert refused.value.headers["Retry-After"] == "1"
+    await running.aclose()
+    assert text_of(await collect(waiting)) == "bcd"
+
+
+async def test_closing_a_stream_frees_its_slot_at_once(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1, step_cost_s=0.001)
+    engine = engine_for(runtime, max_queue=0)
+    stream = engine.submit([0], GREEDY, 1_000_000).chunks()
+    await anext(stream)
+    await stream.aclose()  # what the API does when the client disconnects
+    # The only slot is free again: the next request is admitted and runs to its end.
+    assert text_of(await collect(engine.submit([0], GREEDY, 2))) == "bc"
+    assert runtime.forgotten.count(0) == 2
+
+
+async def test_a_cancelled_waiter_never_runs(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1, step_cost_s=0.001)
+    engine = engine_for(runtime)
+    running = engine.submit([0], GREEDY, 10_000).chunks()
+    await anext(running)
+    waiter = engine.submit([77], GREEDY, 3)
+    waiter.close()
+    await running.aclose()
+    await collect(engine.submit([0], GREEDY, 1))
+    assert not any(tok == 77 for batch in runtime.batches for _, tok, _, _ in batch)
+    assert engine.open == 0
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+async def test_a_failed_decode_fails_the_sequences_in_that_batch(engine_for: Any) -> None:
+    runtime = FakeRuntime()
+    engine = engine_for(runtime)
+    runtime.fail_with = 1
+    with pytest.raises(ServiceUnavailableError, match="context memory is full"):
+        await collect(engine.submit([0], GREEDY, 3))
+    runtime.fail_with = -3
+    with pytest.raises(BackendError, match="status -3"):
+        await collect(engine.submit([0], GREEDY, 3))
+    assert text_of(await collect(engine.submit([0], GREEDY, 2))) == "bc"
+
+
+async def test_stopping_fails_running_and_waiting_requests_with_503_and_frees_llama() -> None:
+    runtime = FakeRuntime(slots=1, step_cost_s=0.001)
+    engine = Engine(runtime, max_queue=4, prefill_chunk=8)  # type: ignore[arg-type]
+    engine.start()
+    running = engine.submit([0], GREEDY, 1_000_000).chunks()
+    await anext(running)
+    waiting = engine.submit([0], GREEDY, 3)
+    await engine.stop()
+    with pytest.raises(ServiceUnavailableError, match="unloading"):
+        async for _ in running:
+            pass
+    with pytest.raises(ServiceUnavailableError, match="unloading"):
+        await collect(waiting)
+    assert runtime.closed.is_set()
+    with pytest.raises(ServiceUnavailableError):
+        engine.submit([0], GREEDY, 1)
