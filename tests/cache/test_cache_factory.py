@@ -134,3 +134,33 @@ async def test_the_layer_in_front_of_the_service(
     finally:
         await service.stop()
         await layer.close()
+
+
+async def test_an_injected_clock_drives_every_tier_ttl(tmp_path: Path, fake_clock: Any) -> None:
+    settings = _settings(tiers=[
+        {"tier": "memory", "options": {"ttl_s": 10}},
+        {"tier": "disk", "options": {"ttl_s": 100}},
+    ])
+    layer = build_cache_layer(settings, TIERS, server_cache_dir=tmp_path, clock=fake_clock)
+    assert layer is not None
+    request = CompletionRequest("ttl through config", GenerationParams(temperature=0))
+    key = layer.key_for(request, model="m", version="1", weights_digest="w", backend="b",
+                        backend_version="1", tenant="")
+    assert key is not None
+    runs = 0
+
+    async def run() -> GenerationResult:
+        nonlocal runs
+        runs += 1
+        return GenerationResult("x", "stop", 1, 1)
+
+    await layer.lookup_or_run(key, run)
+    await layer.settle()  # the store runs after the answer is handed out
+    fake_clock.advance(50)  # memory expired, disk not: a disk hit, promoted
+    assert (await layer.lookup_or_run(key, run))[1] == "hit"
+    assert [t["hits"] for t in layer.stats()["tiers"]] == [0, 1]
+    await layer.settle()
+    fake_clock.advance(100)
+    assert (await layer.lookup_or_run(key, run))[1] == "miss"
+    assert runs == 2
+    await layer.close()

@@ -89,6 +89,7 @@ async def test_miss_runs_and_stores_then_hit_does_not_run() -> None:
     key = _key(layer, request)
     first, outcome = await layer.lookup_or_run(key, counter.run)
     assert outcome == "miss"
+    await layer.settle()
     second, outcome = await layer.lookup_or_run(key, counter.run)
     assert outcome == "hit"
     assert second == first
@@ -104,7 +105,7 @@ async def test_a_hit_in_a_lower_tier_is_promoted(tmp_path: Path) -> None:
     counter = Counter(request)
     key = _key(layer, request)
     await layer.lookup_or_run(key, counter.run)
-    await layer.close()
+    await layer.close()  # lets the store that follows a miss finish
     # A restart: memory is empty, disk still has the entry.
     memory = MemoryTier(MemoryOptions())
     layer = CacheLayer([memory, DiskTier(disk_options)], secret=SECRET)
@@ -458,3 +459,31 @@ async def test_a_purge_by_another_worker_is_seen_without_a_restart(tmp_path: Pat
     assert _key(one, request, model="other") == _key(two, request, model="other")
     fresh = CacheLayer([memory], secret=SECRET)
     assert _key(one, request) != _key(fresh, request)
+
+
+class GatedTier(MemoryTier):
+    """A memory tier whose writes wait for ``open`` (a slow disk or network write)."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryOptions())
+        self.open = asyncio.Event()
+
+    async def set(self, key: bytes, value: bytes) -> None:
+        await self.open.wait()
+        await super().set(key, value)
+
+
+async def test_a_request_arriving_while_the_answer_is_being_stored_joins_it() -> None:
+    tier = GatedTier()
+    layer = CacheLayer([tier], secret=SECRET)
+    request = CompletionRequest("slow store", GREEDY)
+    counter = Counter(request)
+    key = _key(layer, request)
+    assert (await layer.lookup_or_run(key, counter.run))[1] == "miss"  # answered before stored
+    assert await tier.get(key) is None
+    assert (await layer.lookup_or_run(key, counter.run))[1] == "hit"
+    assert counter.calls == 1
+    tier.open.set()
+    await layer.settle()
+    assert await tier.get(key) is not None
+    assert layer.stats()["in_flight"] == 0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
@@ -33,10 +34,13 @@ def build_cache_layer(
     tier_classes: Mapping[str, type[CacheTier]],
     *,
     server_cache_dir: Path,
+    clock: Callable[[], float] | None = None,
 ) -> CacheLayer | None:
     """The layer, or None when the cache is disabled; config mistakes raise ``ConfigError``.
 
-    Opens files (secret, SQLite): call it off the event loop.
+    ``clock`` (tests: a ``FakeClock``) goes to every tier whose constructor takes a keyword
+    ``clock``, for its TTLs; without it each tier keeps its own default. Opens files (secret,
+    SQLite): call it off the event loop.
     """
     if not settings.enabled:
         return None
@@ -44,7 +48,9 @@ def build_cache_layer(
         raise ConfigError("$.cache.tiers: an enabled cache needs at least one tier")
     directory = cache_directory(settings, server_cache_dir)
     make_private_dir(directory)
-    tiers = [_build_tier(i, directory, settings, tier_classes) for i in range(len(settings.tiers))]
+    tiers = [
+        _build_tier(i, directory, settings, tier_classes, clock) for i in range(len(settings.tiers))
+    ]
     _check_distinct_directories(tiers)
     secret = settings.secret if settings.secret else load_or_create_secret(directory)
     return CacheLayer(tiers, secret=secret, generations=PurgeGenerations(directory))
@@ -55,6 +61,7 @@ def _build_tier(
     directory: Path,
     settings: CacheSettings,
     tier_classes: Mapping[str, type[CacheTier]],
+    clock: Callable[[], float] | None,
 ) -> CacheTier:
     spec = settings.tiers[index]
     where = f"$.cache.tiers[{index}]"
@@ -68,7 +75,11 @@ def _build_tier(
         raise ConfigError(_path_first(str(exc), f"{where}.options")) from None
     if isinstance(options, DiskOptions) and options.directory is None:
         options = msgspec.structs.replace(options, directory=str(directory / "disk"))
-    tier = cls(options)
+    takes_clock = "clock" in inspect.signature(cls).parameters
+    if clock is not None and takes_clock:
+        tier = cls(options, clock=clock)  # type: ignore[call-arg]
+    else:
+        tier = cls(options)
     return DedupTier(tier) if spec.dedup else tier
 
 

@@ -362,6 +362,12 @@ class CacheLayer:
             "tiers": tiers,
         }
 
+    async def settle(self) -> None:
+        """Wait until every lookup in flight, and the store after it, is done."""
+        tasks = [f.task for f in list(self._flights.values()) if f.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel lookups still waiting on a backend, let pending stores finish, close tiers."""
         tasks = [f.task for f in self._flights.values() if f.task is not None]
