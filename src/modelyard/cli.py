@@ -93,8 +93,8 @@ def serve(config: str | None, host: str | None, port: int | None, log_level: str
 
 def prepare_demo_models(settings: Settings) -> None:
     """Prepare every demo model in the foreground with a progress display (cached after)."""
-    from modelyard.core.sources import resolve_source  # noqa: PLC0415
     from modelyard.core.service import InferenceService  # noqa: PLC0415
+    from modelyard.core.sources import resolve_source  # noqa: PLC0415
 
     cache_dir = InferenceService.default_cache_dir(settings)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from typing import Any
+
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["CancelOnDisconnect"]
 
@@ -22,10 +24,10 @@ class CancelOnDisconnect:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]
             await self.app(scope, receive, send)
             return
-        body: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        body: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
         gone = asyncio.Event()
         body_pending = True
 
@@ -35,9 +37,9 @@ class CancelOnDisconnect:
                 if message["type"] == "http.disconnect":
                     gone.set()
                     return
-                await body.put(message)
+                await body.put(dict(message))
 
-        async def app_receive() -> Message:
+        async def app_receive() -> dict[str, Any]:
             nonlocal body_pending
             if body_pending:
                 getter = asyncio.ensure_future(body.get())

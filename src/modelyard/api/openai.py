@@ -308,7 +308,7 @@ class OpenAIController(Controller):
         if isinstance(data.input, str):
             texts = [data.input]
         elif all(isinstance(x, str) for x in data.input):
-            texts = list(data.input)  # type: ignore[arg-type]
+            texts = list(data.input)
         else:
             raise BadRequestError("input must be text; token-id arrays are not supported")
         if not texts:

@@ -14,6 +14,7 @@ import platformdirs
 
 from modelyard.core.backend import Backend, LoadContext
 from modelyard.core.batching import Batcher, Clock
+from modelyard.core.breaker import CircuitState
 from modelyard.core.canary import Canary
 from modelyard.core.errors import (
     BackendError,
@@ -25,7 +26,6 @@ from modelyard.core.errors import (
     TimeoutError_,
     UnsupportedTaskError,
 )
-from modelyard.core.breaker import CircuitState
 from modelyard.core.failover import (
     Availability,
     FailoverChain,
