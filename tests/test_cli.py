@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 import httpx
 import pytest
 from click.testing import CliRunner, Result

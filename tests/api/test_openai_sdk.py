@@ -13,7 +13,10 @@ from modelyard.testing.backends import fake_embedding
 
 @pytest.fixture(scope="module")
 def client(live_echo: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live_echo.url}/v1", api_key="unused", max_retries=0) as c:
+    # A short timeout: a hung request must fail this test, not stall the suite for 10 minutes.
+    with openai.OpenAI(
+        base_url=f"{live_echo.url}/v1", api_key="unused", max_retries=0, timeout=30
+    ) as c:
         yield c
 
 

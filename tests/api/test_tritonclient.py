@@ -15,7 +15,9 @@ from modelyard.testing.backends import fake_embedding
 
 @pytest.fixture(scope="module")
 def client(live_echo: LiveServer) -> Iterator[httpclient.InferenceServerClient]:
-    c = httpclient.InferenceServerClient(url=f"{live_echo.host}:{live_echo.port}")
+    c = httpclient.InferenceServerClient(
+        url=f"{live_echo.host}:{live_echo.port}", connection_timeout=30, network_timeout=30
+    )
     try:
         yield c
     finally:

@@ -136,6 +136,8 @@ def test_run_live_server_reports_a_failed_startup() -> None:
     def explode() -> None:
         raise RuntimeError("startup failed")
 
-    with pytest.raises(RuntimeError, match="live server exited during startup"):
-        with run_live_server(Litestar([], on_startup=[explode])):
-            pass  # pragma: no cover
+    with (
+        pytest.raises(RuntimeError, match="live server exited during startup"),
+        run_live_server(Litestar([], on_startup=[explode])),
+    ):
+        pass  # pragma: no cover
