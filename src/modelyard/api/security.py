@@ -1,0 +1,475 @@
+"""Who may call what: authentication, roles, model scopes, rate limits, audit, body timeouts.
+
+One guard runs on every route. It looks the route up in ``POLICIES`` (a route without a
+policy is refused), asks the auth providers in order, charges the caller's token bucket,
+checks the role and the model scope, and leaves the principal on ``request.state``. One
+ASGI middleware adds the RateLimit fields to the response and audits admin actions with
+their outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any, Literal, cast
+
+import msgspec
+from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from modelyard.core.audit import AuditLog
+from modelyard.core.auth import AuthProvider, Credentials, Principal
+from modelyard.core.errors import (
+    BadRequestError,
+    ConfigError,
+    ForbiddenError,
+    RateLimitedError,
+    UnauthorizedError,
+)
+from modelyard.core.plugins import PluginHost
+from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, RateLimiter
+from modelyard.plugins.auth_settings import ANONYMOUS, AuthSettings
+
+__all__ = [
+    "POLICIES",
+    "PUBLIC_PREFIXES",
+    "ROLE_PERMISSIONS",
+    "BodyTimeout",
+    "Permission",
+    "Policy",
+    "Security",
+    "is_loopback",
+    "model_allowed",
+    "policy_for",
+    "principal_of",
+    "provide_principal",
+    "visible",
+]
+
+log = logging.getLogger(__name__)
+
+REALM = "modelyard"
+#: Key of the per-request security context in ``scope["state"]``.
+_CONTEXT = "modelyard.security"
+_PRINCIPAL = "principal"
+
+
+class Permission(enum.StrEnum):
+    PUBLIC = "public"  # asks for no credential: health probes, the API docs
+    READ = "read"  # model metadata and lists, within the caller's model scopes
+    INSPECT = "inspect"  # server-wide read-only views: /admin GETs, plugins, metrics
+    INFER = "infer"  # inference on the models the caller's scopes allow
+    OPERATE = "operate"  # load, unload, versions, swap, rollback, canary, cache purge
+    ADMIN = "admin"  # anything else that changes the server
+
+
+ROLE_PERMISSIONS: Mapping[str, frozenset[Permission]] = {
+    "admin": frozenset(Permission),
+    "operator": frozenset({Permission.READ, Permission.INSPECT, Permission.OPERATE}),
+    "user": frozenset({Permission.READ, Permission.INFER}),
+    "viewer": frozenset({Permission.READ, Permission.INSPECT}),
+}
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """What a route needs: a permission, where its model name is, and its audit action."""
+
+    permission: Permission
+    #: ``path``: the ``{name}`` parameter; ``body``: the JSON body's ``model`` member.
+    model: Literal["path", "body"] | None = None
+    #: Audit action name; routes with one are audited with their outcome.
+    action: str = ""
+
+
+_R, _I, _N, _O = Permission.READ, Permission.INSPECT, Permission.INFER, Permission.OPERATE
+PUBLIC = Policy(Permission.PUBLIC)
+
+#: Every route, one line each: ``"METHOD /path/{param}"`` (Litestar's path template). A route
+#: missing here is refused with 403 and fails tests/security/test_integration.py.
+POLICIES: Mapping[str, Policy] = {
+    "GET /v2/health/live": PUBLIC,
+    "GET /v2/health/ready": PUBLIC,
+    "GET /v2": Policy(_R),
+    "GET /v2/models/{name}": Policy(_R, "path"),
+    "GET /v2/models/{name}/versions/{version}": Policy(_R, "path"),
+    "GET /v2/models/{name}/ready": Policy(_R, "path"),
+    "GET /v2/models/{name}/versions/{version}/ready": Policy(_R, "path"),
+    "POST /v2/models/{name}/infer": Policy(_N, "path"),
+    "POST /v2/models/{name}/versions/{version}/infer": Policy(_N, "path"),
+    "GET /v2/repository/index": Policy(_R),
+    "POST /v2/repository/index": Policy(_R),
+    "POST /v2/repository/models/{name}/load": Policy(_O, "path", "model.load"),
+    "POST /v2/repository/models/{name}/unload": Policy(_O, "path", "model.unload"),
+    "GET /v1/models": Policy(_R),
+    "GET /v1/plugins": Policy(_I),
+    "POST /v1/chat/completions": Policy(_N, "body"),
+    "POST /v1/completions": Policy(_N, "body"),
+    "POST /v1/embeddings": Policy(_N, "body"),
+    "POST /v1/classify": Policy(_N, "body"),
+    "GET /admin/models": Policy(_I),
+    "POST /admin/models/{name}/versions": Policy(_O, "path", "version.add"),
+    "GET /admin/models/{name}/versions/{version}": Policy(_I, "path"),
+    "DELETE /admin/models/{name}/versions/{version}": Policy(_O, "path", "version.unload"),
+    "GET /admin/models/{name}/swap/safety": Policy(_I, "path"),
+    "POST /admin/models/{name}/swap": Policy(_O, "path", "model.swap"),
+    "POST /admin/models/{name}/rollback": Policy(_O, "path", "model.rollback"),
+    "POST /admin/models/{name}/canary": Policy(_O, "path", "canary.start"),
+    "POST /admin/models/{name}/canary/promote": Policy(_O, "path", "canary.promote"),
+    "DELETE /admin/models/{name}/canary": Policy(_O, "path", "canary.stop"),
+    "POST /admin/cache/purge": Policy(_O, None, "cache.purge"),
+    "GET /metrics": Policy(_I),
+}
+#: Path prefixes open to everyone: the OpenAPI schema and its viewers.
+PUBLIC_PREFIXES = ("/schema",)
+
+
+def policy_for(method: str, path_template: str) -> Policy | None:
+    """The policy of a route; None when it has none (the guard then refuses it)."""
+    if method == "OPTIONS":
+        return PUBLIC  # Litestar's generated handler: it answers ``Allow`` and nothing else
+    if any(path_template == p or path_template.startswith(p + "/") for p in PUBLIC_PREFIXES):
+        return PUBLIC
+    return POLICIES.get(f"{method} {path_template}")
+
+
+def model_allowed(principal: Principal, model: str) -> bool:
+    """Whether the principal's model scopes (names or ``fnmatch`` patterns) cover ``model``."""
+    scopes = principal.model_scopes
+    return scopes is None or any(fnmatchcase(model, pattern) for pattern in scopes)
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
+    """The principal the guard authenticated for this request (None on public routes)."""
+    state = connection.scope.get("state") or {}
+    found = state.get(_PRINCIPAL)
+    return found if isinstance(found, Principal) else None
+
+
+def visible(connection: ASGIConnection[Any, Any, Any, Any], model: str) -> bool:
+    """Whether a listing shown to this request's caller includes ``model``."""
+    principal = principal_of(connection)
+    return principal is not None and model_allowed(principal, model)
+
+
+def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+    """Dependency ``principal``: the caller (its ``tenant`` scopes the response cache)."""
+    return principal_of(request) or Principal(id="", roles=frozenset(), model_scopes=frozenset())
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+class _Context(msgspec.Struct):
+    """What the guard leaves for the middleware: RateLimit fields and the audit record."""
+
+    principal: str = ""
+    client: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    action: str = ""
+
+
+class _ModelMember(msgspec.Struct):
+    model: str
+
+
+class Security:
+    """The providers, buckets and audit log of one app; ``guard`` and ``middleware`` use them."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        providers: Sequence[AuthProvider] = (),
+        *,
+        limiter: RateLimiter | None = None,
+        audit: AuditLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.providers = list(providers)
+        self.limiter = limiter if limiter is not None else RateLimiter(clock=clock)
+        self.audit = audit if audit is not None else AuditLog(settings.audit_log)
+        self._anonymous = Principal(
+            id=ANONYMOUS, roles=frozenset(settings.anonymous_roles), model_scopes=None
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: AuthSettings, plugins: PluginHost, *, clock: Callable[[], float] = time.monotonic
+    ) -> Security:
+        """Build the configured providers (options validated by each provider's own Struct)."""
+        providers: list[AuthProvider] = []
+        for i, entry in enumerate(settings.providers):
+            where = f"$.auth.providers[{i}]"
+            provider_cls = plugins.auth_providers.get(entry.provider)
+            if provider_cls is None:
+                installed = ", ".join(sorted(plugins.auth_providers)) or "none"
+                raise ConfigError(
+                    f"{where}.provider: unknown auth provider {entry.provider!r}; installed: {installed}"
+                )
+            try:
+                options = msgspec.convert(entry.options, provider_cls.options_type)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{where}.options: {exc}") from None
+            providers.append(provider_cls(options))
+        return cls(settings, providers, clock=clock)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.providers)
+
+    def check_bind(self, host: str) -> None:
+        """Refuse to serve without auth on anything but loopback, unless forced in config."""
+        if self.enabled or is_loopback(host) or self.settings.allow_unauthenticated_non_loopback:
+            return
+        raise ConfigError(
+            f"$.server.host: refusing to serve {host!r} without authentication; configure "
+            "[[auth.providers]], bind 127.0.0.1, or set [auth] "
+            "allow_unauthenticated_non_loopback = true"
+        )
+
+    # -- the guard -----------------------------------------------------------------------
+
+    async def guard(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        scope = connection.scope
+        method = str(scope.get("method", ""))
+        template = str(scope.get("path_template", ""))
+        policy = policy_for(method, template)
+        if policy is None:
+            log.error("no access policy for %s %s: refused", method, template)
+            raise ForbiddenError("no access policy covers this route")
+        if policy.permission is Permission.PUBLIC:
+            return
+        client = connection.client.host if connection.client else ""
+        target = f"{method} {connection.url.path}"
+        context = _Context(client=client)
+        scope.setdefault("state", {})[_CONTEXT] = context
+        principal = await self._authenticate(connection, client, target, context)
+        context.principal = principal.id
+        scope["state"][_PRINCIPAL] = principal
+        self._charge(principal, client, context)
+        self._authorize(principal, policy, client, target)
+        await self._check_model(connection, principal, policy, client, target)
+        context.action = policy.action
+
+    async def _authenticate(
+        self, connection: ASGIConnection[Any, Any, Any, Any], client: str, target: str,
+        context: _Context,
+    ) -> Principal:
+        if not self.enabled:
+            return self._anonymous
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if not header:
+            raise self._unauthorized(UnauthorizedError("credentials required"), client, target,
+                                     context, challenge=f'Bearer realm="{REALM}"')
+        if not scheme or not token:
+            raise self._unauthorized(
+                UnauthorizedError("malformed Authorization header"), client, target, context
+            )
+        credentials = Credentials(scheme=scheme, token=token, client_address=client)
+        for provider in self.providers:
+            try:
+                principal = await provider.authenticate(credentials)
+            except UnauthorizedError as exc:
+                raise self._unauthorized(exc, client, target, context) from None
+            if principal is not None:
+                return principal
+        raise self._unauthorized(UnauthorizedError("credential not recognised"), client, target,
+                                 context)
+
+    def _unauthorized(
+        self, exc: UnauthorizedError, client: str, target: str, context: _Context,
+        *, challenge: str | None = None,
+    ) -> Exception:
+        """401 with a WWW-Authenticate challenge (RFC 6750); 429 once a client keeps failing."""
+        self.audit.record("auth.failure", result="denied", target=target, client=client,
+                          status=401, detail=exc.detail)
+        limit = self.settings.rate_limits.get(ANONYMOUS)
+        if limit is not None:
+            decision = self.limiter.take(f"addr:{client}", limit)
+            context.headers = _ratelimit_fields(ANONYMOUS, decision)
+            if not decision.allowed:
+                return _too_many(decision, context.headers)
+        reason = exc.detail.replace("\\", "").replace('"', "'")
+        exc.headers.setdefault(
+            "WWW-Authenticate",
+            challenge or f'Bearer realm="{REALM}", error="invalid_token", '
+                         f'error_description="{reason}"',
+        )
+        return exc
+
+    def _charge(self, principal: Principal, client: str, context: _Context) -> None:
+        chosen = self._limit_for(principal)
+        if chosen is None:
+            return
+        policy_name, limit = chosen
+        key = f"addr:{client}" if principal is self._anonymous else principal.id
+        decision = self.limiter.take(key, limit)
+        context.headers = _ratelimit_fields(policy_name, decision)
+        if not decision.allowed:
+            raise _too_many(decision, context.headers)
+
+    def _limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
+        """The key's own limit, else the most generous of its roles' (a role without one is
+        unlimited), else ``anonymous`` for callers without a principal or a role."""
+        if isinstance(principal, LimitedPrincipal) and principal.rate_limit is not None:
+            return "key", principal.rate_limit
+        limits = self.settings.rate_limits
+        if principal is self._anonymous or not principal.roles:
+            found = limits.get(ANONYMOUS)
+            return None if found is None else (ANONYMOUS, found)
+        if any(role not in limits for role in principal.roles):
+            return None
+        role = max(principal.roles, key=lambda r: (limits[r].rate, limits[r].burst))
+        return role, limits[role]
+
+    def _authorize(self, principal: Principal, policy: Policy, client: str, target: str) -> None:
+        granted = set().union(*(ROLE_PERMISSIONS.get(r, ()) for r in principal.roles))
+        if policy.permission in granted:
+            return
+        roles = sorted(r for r, perms in ROLE_PERMISSIONS.items() if policy.permission in perms)
+        detail = f"this needs the role {' or '.join(roles)}"
+        self.audit.record("access.denied", result="denied", principal=principal.id, target=target,
+                          client=client, status=403, detail=detail)
+        raise ForbiddenError(detail)
+
+    async def _check_model(
+        self, connection: ASGIConnection[Any, Any, Any, Any], principal: Principal, policy: Policy,
+        client: str, target: str,
+    ) -> None:
+        if policy.model is None or principal.model_scopes is None:
+            return
+        if policy.model == "path":
+            model = str(connection.path_params.get("name", ""))
+        else:
+            model = await _body_model(connection)
+        if model_allowed(principal, model):
+            return
+        detail = f"not allowed to use model {model!r}"
+        self.audit.record("access.denied", result="denied", principal=principal.id, target=target,
+                          client=client, status=403, detail=detail)
+        raise ForbiddenError(detail)
+
+    # -- the middleware ------------------------------------------------------------------
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """ASGI middleware: RateLimit fields on every guarded response; audit admin actions."""
+
+        async def secured(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":  # type: ignore[comparison-overlap]
+                await app(scope, receive, send)
+                return
+
+            async def send_with_fields(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    state: dict[str, Any] = scope.get("state") or {}
+                    context = state.get(_CONTEXT)
+                    if isinstance(context, _Context):
+                        self._on_response(scope, message, context)
+                await send(message)
+
+            await app(scope, receive, send_with_fields)
+
+        return secured
+
+    def _on_response(self, scope: Scope, message: Message, context: _Context) -> None:
+        headers = list(cast("Iterable[tuple[bytes, bytes]]", message.get("headers", [])))
+        present = {name.lower() for name, _ in headers}
+        for name, value in context.headers.items():
+            if name.lower().encode() not in present:
+                headers.append((name.lower().encode(), value.encode()))
+        message["headers"] = headers  # type: ignore[typeddict-unknown-key]
+        if context.action:
+            status = int(message.get("status", 0))  # type: ignore[call-overload]
+            self.audit.record(
+                context.action, result="ok" if status < 400 else "failed",
+                principal=context.principal, target=f"{scope.get('method', '')} {scope['path']}",
+                client=context.client, status=status,
+            )
+
+
+async def _body_model(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The ``model`` member of a JSON body; the body stays cached for the handler."""
+    if not isinstance(connection, Request):
+        raise BadRequestError("this route takes a JSON body naming a 'model'")
+    try:
+        return msgspec.json.decode(await connection.body(), type=_ModelMember).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise BadRequestError("the request body must be a JSON object with a string 'model'") from None
+
+
+def _ratelimit_fields(policy: str, decision: Decision) -> dict[str, str]:
+    """draft-ietf-httpapi-ratelimit-headers: the policy (quota, window) and what is left."""
+    limit = decision.limit
+    return {
+        "RateLimit-Policy": f'"{policy}";q={limit.burst};w={limit.window_s}',
+        "RateLimit": f'"{policy}";r={decision.remaining};t={math.ceil(decision.reset_s)}',
+    }
+
+
+def _too_many(decision: Decision, fields: dict[str, str]) -> RateLimitedError:
+    retry_after = max(1, math.ceil(decision.retry_after_s))
+    return RateLimitedError(
+        f"rate limit exceeded: {decision.limit.burst} requests, refilled at "
+        f"{decision.limit.rate:g}/s; retry in {retry_after}s",
+        headers={**fields, "Retry-After": str(retry_after)},
+    )
+
+
+class BodyTimeout:
+    """ASGI middleware: a request body that stalls for ``timeout_s`` gets 408.
+
+    uvicorn's only slow-client timer is ``timeout_keep_alive`` (idle connections between
+    requests); a client trickling a body would otherwise hold a handler forever.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def factory(cls, timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
+        def build(app: ASGIApp) -> ASGIApp:
+            return cls(app, timeout_s)
+
+        return build
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]
+            await self.app(scope, receive, send)
+            return
+        pending = True
+
+        async def timed_receive() -> Any:
+            nonlocal pending
+            if not pending:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status_code=408, detail=f"request body stalled for {self.timeout_s:g}s"
+                ) from None
+            pending = message["type"] == "http.request" and bool(message.get("more_body"))
+            return message
+
+        await self.app(scope, timed_receive, send)
