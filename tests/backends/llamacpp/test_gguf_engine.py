@@ -44,6 +44,7 @@ class FakeRuntime:
         self.forgotten: list[int] = []
         self.live_samplers = 0
         self.fail_with: int | None = None
+        self.refuse_sampler = False
         self.closed = threading.Event()
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
@@ -59,6 +60,8 @@ class FakeRuntime:
         return token + 1
 
     def new_sampler(self, params: GenerationParams) -> object:
+        if self.refuse_sampler:
+            raise RuntimeError("no sampler for you")
         self.live_samplers += 1
         return object()
 
@@ -262,6 +265,16 @@ async def test_a_failed_decode_fails_the_sequences_in_that_batch(engine_for: Any
     runtime.fail_with = -3
     with pytest.raises(BackendError, match="status -3"):
         await collect(engine.submit([0], GREEDY, 3))
+    assert text_of(await collect(engine.submit([0], GREEDY, 2))) == "bc"
+
+
+async def test_a_request_whose_sampler_cannot_be_built_fails_alone(engine_for: Any) -> None:
+    runtime = FakeRuntime()
+    engine = engine_for(runtime)
+    runtime.refuse_sampler = True
+    with pytest.raises(BackendError, match="sampler setup failed: RuntimeError: no sampler for you"):
+        await collect(engine.submit([0], GREEDY, 3))
+    runtime.refuse_sampler = False
     assert text_of(await collect(engine.submit([0], GREEDY, 2))) == "bc"
 
 

@@ -194,7 +194,14 @@ class _Scheduler:
     def _admit(self) -> None:
         while self.free and self.waiting:
             job = self.waiting.popleft()
-            seq = _Sequence(job, self.free.pop(), self.rt.new_sampler(job.params))
+            try:
+                sampler = self.rt.new_sampler(job.params)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
+                log.exception("creating a sampler failed")
+                error = BackendError(f"sampler setup failed: {type(exc).__name__}: {exc}")
+                self.outbox.append((job.deliver, error))
+                continue
+            seq = _Sequence(job, self.free.pop(), sampler)
             self.active[seq.seq_id] = seq
             self.by_job[job] = seq
 

@@ -33,7 +33,8 @@ _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _POOLING = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
 # ggml_backend_dev_type
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
-_LOG_LEVELS = {1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level: 1 debug, 2 info (chatty load reports: debug here), 3 warn, 4 error, 5 "continue"
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 
 def _bindings() -> Any:
@@ -269,10 +270,12 @@ class LlamaRuntime:
                 chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(items), items)
             )
         if params.presence_penalty or params.frequency_penalty:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                self.options.penalty_last_n, 1.0, params.frequency_penalty,
-                params.presence_penalty,
-            ))
+            penalties = [self.options.penalty_last_n, 1.0, params.frequency_penalty,
+                         params.presence_penalty]
+            init = lib.llama_sampler_init_penalties
+            if len(init.argtypes or ()) == 5:  # llama.cpp builds since late 2025 take n_vocab first
+                penalties.insert(0, self.n_vocab)
+            lib.llama_sampler_chain_add(chain, init(*penalties))
         if params.temperature == 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
