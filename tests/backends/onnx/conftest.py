@@ -31,11 +31,58 @@ collect_ignore_glob = (
     else []
 )
 
-WORDS = (
-    "the a an cat dog bird fish sat ran flew swam on in under over mat log tree sea "
-    "good bad happy sad red blue green big small very not and or is was it this that "
-    "hello world model yard onnx runtime fast slow one two three four five"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "sat",
+    "ran",
+    "flew",
+    "swam",
+    "on",
+    "in",
+    "under",
+    "over",
+    "mat",
+    "log",
+    "tree",
+    "sea",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "very",
+    "not",
+    "and",
+    "or",
+    "is",
+    "was",
+    "it",
+    "this",
+    "that",
+    "hello",
+    "world",
+    "model",
+    "yard",
+    "onnx",
+    "runtime",
+    "fast",
+    "slow",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
@@ -49,15 +96,24 @@ def write_wordlevel_tokenizer(out: Path, *, max_length: int = 32) -> int:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-        "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": max_length,
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "mask_token": "[MASK]",
+            }
+        )
+    )
     return len(vocab)
 
 
@@ -65,8 +121,14 @@ def _bert_config(vocab_size: int, **extra: Any) -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, **extra,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        **extra,
     )
 
 
@@ -77,8 +139,9 @@ def build_tiny_bert_classifier(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_wordlevel_tokenizer(out)
     torch.manual_seed(0)
-    config = _bert_config(vocab, num_labels=3, id2label=LABELS,
-                          label2id={v: k for k, v in LABELS.items()})
+    config = _bert_config(
+        vocab, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+    )
     BertForSequenceClassification(config).eval().save_pretrained(out)
     return out
 
@@ -108,15 +171,19 @@ def write_bpe_tokenizer(out: Path, *, chat: bool = True) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(out / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64,
-        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 64,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
     }
     if chat:
         config["chat_template"] = CHAT_TEMPLATE
@@ -131,8 +198,15 @@ def build_tiny_gpt2(out: Path, *, chat: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_bpe_tokenizer(out, chat=chat)
     torch.manual_seed(2)
-    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(out)
     return out
 
@@ -148,12 +222,19 @@ def build_tensor_model(path: Path) -> Path:
     two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
     one = helper.make_tensor("one", TensorProto.INT64, [], [1])
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["X", "two"], ["Y"]), helper.make_node("Add", ["IDS", "one"], ["COUNT"])],
+        [
+            helper.make_node("Mul", ["X", "two"], ["Y"]),
+            helper.make_node("Add", ["IDS", "one"], ["COUNT"]),
+        ],
         "tiny",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("IDS", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("COUNT", TensorProto.INT64, ["N"])],
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("IDS", TensorProto.INT64, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("COUNT", TensorProto.INT64, ["N"]),
+        ],
         initializer=[two, one],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -175,6 +256,13 @@ def onnx_host() -> Iterator[PluginHost]:
         yield host
     finally:
         host.unregister("onnx")
+
+
+@pytest.fixture
+def tiny_classifier_source(tmp_path: Path, offline: None) -> Path:
+    """A fresh tiny BERT classifier in torch, for export tests."""
+    pytest.importorskip("transformers")
+    return build_tiny_bert_classifier(tmp_path / "src")
 
 
 @pytest.fixture
@@ -269,6 +357,12 @@ async def start_onnx_api(
         yield start
 
 
+@pytest.fixture
+def reference_embeddings() -> Callable[[Path, list[str], int], Any]:
+    """``reference(model_dir, texts, max_length)``: embeddings computed longhand."""
+    return direct_embeddings
+
+
 def direct_embeddings(model_dir: Path, texts: list[str], max_length: int) -> Any:
     """Reference: tokenizers + onnxruntime + mean pooling + L2, written out longhand."""
     import numpy as np
@@ -278,14 +372,21 @@ def direct_embeddings(model_dir: Path, texts: list[str], max_length: int) -> Any
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_length)
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = {i.name for i in session.get_inputs()}
     rows = []
     for text in texts:  # one at a time: no padding involved in the reference
         enc = tok.encode(text)
-        feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask]),
-                 "token_type_ids": np.array([enc.type_ids])}
-        (hidden,) = session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})
+        feeds = {
+            "input_ids": np.array([enc.ids]),
+            "attention_mask": np.array([enc.attention_mask]),
+            "token_type_ids": np.array([enc.type_ids]),
+        }
+        (hidden,) = session.run(
+            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in names}
+        )
         vector = hidden[0].mean(axis=0)
         rows.append(vector / np.linalg.norm(vector))
     return np.array(rows)

@@ -27,8 +27,16 @@ GREEDY = GenerationParams(temperature=0.0, max_tokens=12)
 
 async def _backend(path: Path, task: Task | None = None) -> OnnxBackend:
     task = task or OnnxBackend.detect_task(path, OnnxOptions())
-    backend = OnnxBackend(LoadContext(model="g", version="1", task=task, source=str(path),
-                                      path=path, options=msgspec.convert({}, OnnxOptions)))
+    backend = OnnxBackend(
+        LoadContext(
+            model="g",
+            version="1",
+            task=task,
+            source=str(path),
+            path=path,
+            options=msgspec.convert({}, OnnxOptions),
+        )
+    )
     await backend.load()
     return backend
 
@@ -40,10 +48,15 @@ def _reference_greedy(source: Path, prompt_ids: list[int], new_tokens: int) -> l
 
     model = GPT2LMHeadModel.from_pretrained(source).eval()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return [int(t) for t in out[0, len(prompt_ids):]]
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        )
+    return [int(t) for t in out[0, len(prompt_ids) :]]
 
 
 async def _generate(backend: OnnxBackend, request: Any) -> GenerationResult:
@@ -82,10 +95,11 @@ async def test_stop_sequences_cut_the_text_and_are_never_streamed(tiny_gpt2: Pat
     backend = await _backend(tiny_gpt2, Task.COMPLETION)
     runner = backend._runner
     runner.eos = set()
-    whole = await _generate(backend, CompletionRequest(PROMPT, GenerationParams(
-        temperature=0.0, max_tokens=24)))
+    whole = await _generate(
+        backend, CompletionRequest(PROMPT, GenerationParams(temperature=0.0, max_tokens=24))
+    )
     assert len(whole.text) > 6
-    stop = whole.text[len(whole.text) // 2: len(whole.text) // 2 + 3]
+    stop = whole.text[len(whole.text) // 2 : len(whole.text) // 2 + 3]
     params = GenerationParams(temperature=0.0, max_tokens=24, stop=(stop,))
     cut = await _generate(backend, CompletionRequest(PROMPT, params))
     assert cut.text == whole.text[: whole.text.index(stop)]
@@ -101,8 +115,9 @@ async def test_seeded_sampling_repeats_and_top_p_narrows(tiny_gpt2: Path) -> Non
     again = await _generate(backend, CompletionRequest(PROMPT, seeded))
     assert first.text == again.text
     tiny_p = GenerationParams(temperature=1.0, top_p=1e-6, seed=3, max_tokens=10)
-    greedy = await _generate(backend, CompletionRequest(PROMPT, msgspec.structs.replace(
-        GREEDY, max_tokens=10)))
+    greedy = await _generate(
+        backend, CompletionRequest(PROMPT, msgspec.structs.replace(GREEDY, max_tokens=10))
+    )
     assert (await _generate(backend, CompletionRequest(PROMPT, tiny_p))).text == greedy.text
 
 
@@ -134,8 +149,13 @@ async def test_chat_streams_over_openai_api(start_onnx_api: Any, tiny_gpt2: Path
     api = await start_onnx_api({"name": "g", "backend": "onnx", "source": str(tiny_gpt2)})
     meta = (await api.client.get("/v2/models/g")).json()
     assert meta["parameters"]["task"] == "chat" and meta["parameters"]["chat_template"]
-    body = {"model": "g", "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": 5, "temperature": 0, "stream": True}
+    body = {
+        "model": "g",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
     async with api.client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]

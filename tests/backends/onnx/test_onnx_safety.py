@@ -26,7 +26,8 @@ def _external_model(path: Path, location: str) -> Path:
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
-        [helper.make_node("Add", ["X", "W"], ["Y"])], "ext",
+        [helper.make_node("Add", ["X", "W"], ["Y"])],
+        "ext",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
         initializer=[weight],
@@ -38,8 +39,10 @@ def _external_model(path: Path, location: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin",
-                                      "..\\secret.bin", "C:\\secret.bin"])
+@pytest.mark.parametrize(
+    "location",
+    ["../secret.bin", "/etc/passwd", "sub/../../secret.bin", "..\\secret.bin", "C:\\secret.bin"],
+)
 def test_external_data_outside_the_directory_is_refused(tmp_path: Path, location: str) -> None:
     (tmp_path / "secret.bin").write_bytes(b"\0" * 12)
     model = _external_model(tmp_path / "m" / "model.onnx", location)
@@ -85,8 +88,13 @@ async def test_corrupt_model_fails_its_version_while_another_keeps_serving(
     (corrupt / "model.onnx").write_bytes(tensor_model.read_bytes()[:-40])  # truncated
     escaping = _external_model(tmp_path / "escaping" / "model.onnx", "../../etc/passwd")
     api = await start_onnx_api(
-        {"name": "broken", "backend": "onnx", "source": str(corrupt), "task": "tensor",
-         "required": False},
+        {
+            "name": "broken",
+            "backend": "onnx",
+            "source": str(corrupt),
+            "task": "tensor",
+            "required": False,
+        },
         {"name": "sneaky", "backend": "onnx", "source": str(escaping.parent), "required": False},
         {"name": "good", "backend": "onnx", "source": str(tensor_model)},
     )
@@ -96,8 +104,12 @@ async def test_corrupt_model_fails_its_version_while_another_keeps_serving(
     assert "outside the model directory" in index["sneaky"]["reason"]
     assert index["good"]["state"] == "READY"
     assert (await api.client.get("/v2/health/ready")).status_code == 200
-    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
-                       {"name": "IDS", "datatype": "INT64", "shape": [1], "data": [1]}]}
+    body = {
+        "inputs": [
+            {"name": "X", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
+            {"name": "IDS", "datatype": "INT64", "shape": [1], "data": [1]},
+        ]
+    }
     r = await api.client.post("/v2/models/good/infer", json=body)
     assert r.status_code == 200
 
@@ -107,4 +119,6 @@ def test_no_custom_op_library_is_ever_registered() -> None:
     root = Path(__file__).parents[3] / "src" / "modelyard" / "backends" / "onnx"
     for source in root.glob("*.py"):
         code = source.read_text()
-        assert "register_custom_ops_library(" not in code.replace('"register_custom_ops_library"', "")
+        assert "register_custom_ops_library(" not in code.replace(
+            '"register_custom_ops_library"', ""
+        )

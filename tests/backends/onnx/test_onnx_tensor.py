@@ -40,16 +40,18 @@ async def test_metadata_comes_from_the_graph(start_onnx_api: Any, tensor_model: 
     assert meta["parameters"]["providers"] == ["CPUExecutionProvider"]
 
 
-async def test_infer_over_http_respects_dynamic_axes(start_onnx_api: Any, tensor_model: Path) -> None:
+async def test_infer_over_http_respects_dynamic_axes(
+    start_onnx_api: Any, tensor_model: Path
+) -> None:
     api = await start_onnx_api(_model(tensor_model))
-    r = await api.client.post("/v2/models/t/infer",
-                              json=_body([[1, 2, 3], [4, 5, 6]], [7, 8]))
+    r = await api.client.post("/v2/models/t/infer", json=_body([[1, 2, 3], [4, 5, 6]], [7, 8]))
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
     assert out["Y"]["shape"] == [2, 3] and out["Y"]["data"] == [2, 4, 6, 8, 10, 12]
     assert out["COUNT"] == {"name": "COUNT", "datatype": "INT64", "shape": [2], "data": [8, 9]}
-    one = await api.client.post("/v2/models/t/infer",
-                                json={**_body([[1, 1, 1]], [0]), "outputs": [{"name": "COUNT"}]})
+    one = await api.client.post(
+        "/v2/models/t/infer", json={**_body([[1, 1, 1]], [0]), "outputs": [{"name": "COUNT"}]}
+    )
     assert [o["name"] for o in one.json()["outputs"]] == ["COUNT"]
 
 
@@ -70,20 +72,23 @@ async def test_wrong_shape_or_datatype_is_a_400_naming_the_tensor(
     assert r.status_code == 400 and "'IDS' is missing" in r.json()["detail"]
 
 
-async def test_binary_output_is_packed_from_the_array(start_onnx_api: Any, tensor_model: Path) -> None:
+async def test_binary_output_is_packed_from_the_array(
+    start_onnx_api: Any, tensor_model: Path
+) -> None:
     api = await start_onnx_api(_model(tensor_model))
     body = {**_body([[1, 2, 3]], [5]), "parameters": {"binary_data_output": True}}
     r = await api.client.post("/v2/models/t/infer", json=body)
     head = int(r.headers["inference-header-content-length"])
     meta = json.loads(r.content[:head])
     assert [o["parameters"]["binary_data_size"] for o in meta["outputs"]] == [12, 8]
-    assert np.frombuffer(r.content[head: head + 12], "<f4").tolist() == [2, 4, 6]
+    assert np.frombuffer(r.content[head : head + 12], "<f4").tolist() == [2, 4, 6]
 
 
 def _request(rows: int, start: float = 0.0) -> TensorRequest:
     x = [start + i for i in range(rows * 3)]
-    return TensorRequest((Tensor("X", "FP32", (rows, 3), x),
-                          Tensor("IDS", "INT64", (rows,), list(range(rows)))))
+    return TensorRequest(
+        (Tensor("X", "FP32", (rows, 3), x), Tensor("IDS", "INT64", (rows,), list(range(rows))))
+    )
 
 
 class _CountingSession:

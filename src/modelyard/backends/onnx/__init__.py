@@ -24,6 +24,6 @@ def register_backends(register: Callable[[type], None]) -> None:
         raise PluginUnavailable(
             f"install modelyard[onnx] for the onnx backend (missing: {', '.join(missing)})"
         )
-    from modelyard.backends.onnx.backend import OnnxBackend  # noqa: PLC0415
+    from modelyard.backends.onnx.backend import OnnxBackend
 
     register(OnnxBackend)

@@ -36,7 +36,7 @@ def run_rows(
     tokens: list[int] = [0] * len(texts)
     truncated: list[bool] = [False] * len(texts)
     for start in range(0, len(order), rows_per_run):
-        chunk = order[start: start + rows_per_run]
+        chunk = order[start : start + rows_per_run]
         encoded = encoder.encode([texts[i] for i in chunk])
         parts.append(compute(encoded))
         for j, i in enumerate(chunk):
@@ -52,6 +52,6 @@ def split_rows(counts: Sequence[int], items: Sequence[T]) -> list[Sequence[T]]:
     out: list[Sequence[T]] = []
     start = 0
     for n in counts:
-        out.append(items[start: start + n])
+        out.append(items[start : start + n])
         start += n
     return out

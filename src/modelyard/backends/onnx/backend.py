@@ -46,8 +46,9 @@ class OnnxBackend(Backend):
     """Serves an ONNX graph (or an optimum export directory) with onnxruntime."""
 
     name = "onnx"
-    tasks = frozenset({Task.TENSOR, Task.EMBEDDINGS, Task.CLASSIFICATION, Task.COMPLETION,
-                       Task.CHAT})
+    tasks = frozenset(
+        {Task.TENSOR, Task.EMBEDDINGS, Task.CLASSIFICATION, Task.COMPLETION, Task.CHAT}
+    )
     options_type = OnnxOptions
 
     def __init__(self, context: LoadContext) -> None:
@@ -72,31 +73,39 @@ class OnnxBackend(Backend):
         session, parameters = self._open_session(files)
         task = self.task or Task.TENSOR
         runner, extra = _build_runner(task, session, files, self.options)
-        from modelyard.backends.onnx.tensor import spec_of  # noqa: PLC0415 - imports numpy
+        from modelyard.backends.onnx.tensor import spec_of
 
         self._session, self._runner, self.task = session, runner, task
         self._info = BackendInfo(
             inputs=[spec_of(arg) for arg in session.get_inputs()],
             outputs=[spec_of(arg) for arg in session.get_outputs()],
-            parameters=_compact({
-                "task": task.value, **parameters, "model_file": files.model.name,
-                # Operators outside the standard set: worth seeing next to the providers.
-                "op_domains": sorted(summary.domains - {"", "ai.onnx"}),
-                "max_batch_size": self.max_batch_size, **extra,
-            }),
+            parameters=_compact(
+                {
+                    "task": task.value,
+                    **parameters,
+                    "model_file": files.model.name,
+                    # Operators outside the standard set: worth seeing next to the providers.
+                    "op_domains": sorted(summary.domains - {"", "ai.onnx"}),
+                    "max_batch_size": self.max_batch_size,
+                    **extra,
+                }
+            ),
             platform="onnxruntime",
         )
 
     def _open_session(self, files: ModelFiles) -> tuple[Any, dict[str, Any]]:
-        import onnxruntime as ort  # noqa: PLC0415 - the runtime is imported only to load
+        import onnxruntime as ort
 
-        plan, warnings = eps.plan_providers(self.options.provider_list,
-                                            ort.get_available_providers())
+        plan, warnings = eps.plan_providers(
+            self.options.provider_list, ort.get_available_providers()
+        )
         session_options = _session_options(ort, self.options, files)
 
         def open_session(providers: list[str]) -> Any:
             return ort.InferenceSession(
-                str(files.model), sess_options=session_options, providers=providers,
+                str(files.model),
+                sess_options=session_options,
+                providers=providers,
                 provider_options=[self.options.options_for(p) for p in providers],
             )
 
@@ -136,15 +145,20 @@ class OnnxBackend(Backend):
     async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamChunk]:
         runner = self._ready()
         if self.task not in _GENERATION or not isinstance(request, ChatRequest | CompletionRequest):
-            raise UnsupportedTaskError(f"model {self.context.model!r} does not stream {request.task}")
+            raise UnsupportedTaskError(
+                f"model {self.context.model!r} does not stream {request.task}"
+            )
         decoder = await asyncio.to_thread(runner.start, request)
         while decoder.finish is None:
             # One token per hop off the loop: closing this generator stops the decoding.
             piece = await asyncio.to_thread(decoder.step)
             if decoder.finish is not None:
-                yield StreamChunk(text=piece, finish_reason=decoder.finish,
-                                  prompt_tokens=decoder.prompt_tokens,
-                                  completion_tokens=decoder.completion_tokens)
+                yield StreamChunk(
+                    text=piece,
+                    finish_reason=decoder.finish,
+                    prompt_tokens=decoder.prompt_tokens,
+                    completion_tokens=decoder.completion_tokens,
+                )
             elif piece:
                 yield StreamChunk(text=piece)
 
@@ -205,6 +219,9 @@ def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
     so = ort.SessionOptions()
     so.graph_optimization_level = levels[options.graph_optimization]
     so.log_severity_level = 3  # errors only: onnxruntime's warnings are not for API clients
+    spin = "1" if options.spin_wait else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     if options.intra_op_threads is not None:
         so.intra_op_num_threads = options.intra_op_threads
     if options.inter_op_threads is not None:
@@ -226,29 +243,41 @@ def _build_runner(
     """The task object that turns core requests into session runs, plus what info() shows."""
     # Task modules import numpy and tokenizers; they load with the model, not the plugin.
     if task == Task.TENSOR:
-        from modelyard.backends.onnx.tensor import TensorTask  # noqa: PLC0415
+        from modelyard.backends.onnx.tensor import TensorTask
 
         return TensorTask(session), {}
     if task in _GENERATION:
-        from modelyard.backends.onnx.generation import GenerationTask  # noqa: PLC0415
+        from modelyard.backends.onnx.generation import GenerationTask
 
         runner = GenerationTask(session, files)
-        return runner, {"context_length": runner.context,
-                        "chat_template": runner.chat_template is not None}
-    from modelyard.backends.onnx.text import TextEncoder  # noqa: PLC0415
+        return runner, {
+            "context_length": runner.context,
+            "chat_template": runner.chat_template is not None,
+        }
+    from modelyard.backends.onnx.text import TextEncoder
 
     graph_inputs = {arg.name: arg.type for arg in session.get_inputs()}
     encoder = TextEncoder(files, graph_inputs, files.max_length(options.max_length))
     if task == Task.EMBEDDINGS:
-        from modelyard.backends.onnx.embeddings import EmbeddingTask  # noqa: PLC0415
+        from modelyard.backends.onnx.embeddings import EmbeddingTask
 
-        embed = EmbeddingTask(session, encoder, pooling=options.pooling,
-                              normalize=options.normalize, rows_per_run=options.max_batch_size)
-        return embed, {"dimensions": embed.dimensions, "pooling": options.pooling,
-                       "normalize": options.normalize, "max_length": encoder.max_length,
-                       "output": embed.output}
-    from modelyard.backends.onnx.classification import ClassificationTask  # noqa: PLC0415
+        embed = EmbeddingTask(
+            session,
+            encoder,
+            pooling=options.pooling,
+            normalize=options.normalize,
+            rows_per_run=options.max_batch_size,
+        )
+        return embed, {
+            "dimensions": embed.dimensions,
+            "pooling": options.pooling,
+            "normalize": options.normalize,
+            "max_length": encoder.max_length,
+            "output": embed.output,
+        }
+    from modelyard.backends.onnx.classification import ClassificationTask
 
-    classify = ClassificationTask(session, encoder, files.config,
-                                  rows_per_run=options.max_batch_size)
+    classify = ClassificationTask(
+        session, encoder, files.config, rows_per_run=options.max_batch_size
+    )
     return classify, {"labels": classify.labels, "max_length": encoder.max_length}

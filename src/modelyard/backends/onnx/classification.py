@@ -29,11 +29,12 @@ def label_names(config: dict[str, Any], count: int) -> list[str]:
 
 
 def scores(logits: npt.NDArray[Any], multi_label: bool) -> npt.NDArray[np.float32]:
-    logits = logits.astype(np.float32, copy=False)
+    values: npt.NDArray[np.float32] = logits.astype(np.float32, copy=False)
     if multi_label:
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+        return (1.0 / (1.0 + np.exp(-values))).astype(np.float32)
+    shifted = np.exp(values - values.max(axis=1, keepdims=True))
+    softmax: npt.NDArray[np.float32] = shifted / shifted.sum(axis=1, keepdims=True)
+    return softmax
 
 
 class ClassificationTask:
@@ -72,6 +73,8 @@ class ClassificationTask:
                 [Label(self.labels[j], float(probs[row, j])) for j in order[row, :keep]]
                 for row in range(start, end)
             ]
-            results.append(ClassificationResult(labels=ranked, prompt_tokens=sum(tokens[start:end])))
+            results.append(
+                ClassificationResult(labels=ranked, prompt_tokens=sum(tokens[start:end]))
+            )
             start = end
         return results

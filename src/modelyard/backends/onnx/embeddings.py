@@ -80,16 +80,19 @@ class EmbeddingTask:
         texts = [text for request in batch for text in request.inputs]
         if not texts:
             return [EmbeddingResult(embeddings=[], prompt_tokens=0) for _ in batch]
-        vectors, tokens, truncated = run_rows(self._encoder, texts, self._rows_per_run,
-                                              self._compute)
+        vectors, tokens, truncated = run_rows(
+            self._encoder, texts, self._rows_per_run, self._compute
+        )
         rows = vectors.tolist()
         results, start = [], 0
         for request in batch:
             end = start + len(request.inputs)
-            results.append(EmbeddingResult(
-                embeddings=rows[start:end],
-                prompt_tokens=sum(tokens[start:end]),
-                truncated_inputs=sum(truncated[start:end]),
-            ))
+            results.append(
+                EmbeddingResult(
+                    embeddings=rows[start:end],
+                    prompt_tokens=sum(tokens[start:end]),
+                    truncated_inputs=sum(truncated[start:end]),
+                )
+            )
             start = end
         return results

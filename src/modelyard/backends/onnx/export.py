@@ -31,10 +31,20 @@ OPTIMUM_TASKS = {
 }
 #: Tokenizer and generation files the backend reads, copied when optimum did not write them.
 _SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model",
-    "sentence_bert_config.json", "generation_config.json", "chat_template.jinja",
-    "chat_template.json", "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentence_bert_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
 )
 _SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -82,7 +92,7 @@ def export_model(
     if not (src / "config.json").is_file():
         raise ModelLoadError(f"{src} is not a Hugging Face model directory (no config.json)")
     try:
-        from optimum.exporters.onnx import main_export  # noqa: PLC0415 - export extra only
+        from optimum.exporters.onnx import main_export
     except ImportError as exc:
         raise ModelLoadError(
             f"export needs the 'export' extra (pip install 'modelyard[export]'): {exc}"
@@ -94,11 +104,17 @@ def export_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             main_export(
-                str(src), output=out, task=optimum_task, library_name="transformers",
-                do_validation=False, local_files_only=True,
+                str(src),
+                output=out,
+                task=optimum_task,
+                library_name="transformers",
+                do_validation=False,
+                local_files_only=True,
             )
     except Exception as exc:  # noqa: BLE001 - optimum and torch raise many unrelated types
-        raise ModelLoadError(f"optimum could not export {src.name}: {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(
+            f"optimum could not export {src.name}: {type(exc).__name__}: {exc}"
+        ) from None
     _copy_side_files(src, out)
     model = out / "model.onnx"
     if not model.is_file():
@@ -121,7 +137,7 @@ def _copy_side_files(src: Path, out: Path) -> None:
 
 
 def _quantize_int8(model: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     staged = model.with_name("model.int8.onnx")
     try:
@@ -133,16 +149,20 @@ def _quantize_int8(model: Path) -> None:
 
 
 def validate(src: Path, model: Path, optimum_task: str) -> tuple[float, list[str]]:
-    """Run a few sentences through torch and onnxruntime; the largest difference of shared outputs."""
-    import numpy as np  # noqa: PLC0415
-    import onnxruntime as ort  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from optimum.exporters.tasks import TasksManager  # noqa: PLC0415
+    """Run a few sentences through torch and onnxruntime; the largest difference of outputs."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from optimum.exporters.tasks import TasksManager
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inputs = {arg.name: arg for arg in session.get_inputs()}
     plain = {name for name in inputs if not name.startswith("past_key_values.")}
-    if not plain <= _TEXT_INPUTS or "input_ids" not in plain or not (model.parent / "tokenizer.json").is_file():
+    if (
+        not plain <= _TEXT_INPUTS
+        or "input_ids" not in plain
+        or not (model.parent / "tokenizer.json").is_file()
+    ):
         log.warning("%s: only text models are validated; skipping the check", src.name)
         return math.nan, []
     feeds = _text_feeds(model.parent, inputs)
@@ -175,8 +195,8 @@ def validate(src: Path, model: Path, optimum_task: str) -> tuple[float, list[str
 
 
 def _text_feeds(root: Path, inputs: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np  # noqa: PLC0415
-    from tokenizers import Tokenizer  # noqa: PLC0415
+    import numpy as np
+    from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
     tokenizer.no_truncation()

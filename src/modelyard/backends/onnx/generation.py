@@ -99,7 +99,9 @@ def sample_token(
         return int(np.argmax(logits))
     logits = logits / params.temperature
     if params.top_k:
-        kth = np.partition(logits, -min(params.top_k, logits.shape[0]))[-min(params.top_k, logits.shape[0])]
+        kth = np.partition(logits, -min(params.top_k, logits.shape[0]))[
+            -min(params.top_k, logits.shape[0])
+        ]
         logits[logits < kth] = -np.inf
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -139,7 +141,7 @@ class _Text:
         return self._emit(text.rstrip("\ufffd"))
 
     def _emit(self, upto: str) -> str:
-        piece = upto[self.emitted:]
+        piece = upto[self.emitted :]
         self.emitted = max(self.emitted, len(upto))
         return piece
 
@@ -219,8 +221,12 @@ class GenerationTask:
     def __init__(self, session: Any, files: ModelFiles) -> None:
         self.session = session
         self.inputs = {arg.name for arg in session.get_inputs()}
-        if "input_ids" not in self.inputs or "logits" not in {o.name for o in session.get_outputs()}:
-            raise ModelLoadError("a text-generation model needs an input_ids input and logits output")
+        if "input_ids" not in self.inputs or "logits" not in {
+            o.name for o in session.get_outputs()
+        }:
+            raise ModelLoadError(
+                "a text-generation model needs an input_ids input and logits output"
+            )
         config = files.config
         self.past = _past_inputs(session, config)
         if not self.past:
@@ -252,8 +258,8 @@ class GenerationTask:
     def render_chat(self, request: ChatRequest) -> str:
         if self.chat_template is None:
             raise BadRequestError("this model has no chat template; use completions")
-        from jinja2 import TemplateError  # noqa: PLC0415 - only chat models need jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise BadRequestError(f"chat template: {message}")
@@ -285,7 +291,9 @@ class GenerationTask:
             completion_tokens=decoder.completion_tokens,
         )
 
-    def run(self, batch: Sequence[ChatRequest | CompletionRequest]) -> list[GenerationResult | Exception]:
+    def run(
+        self, batch: Sequence[ChatRequest | CompletionRequest]
+    ) -> list[GenerationResult | Exception]:
         results: list[GenerationResult | Exception] = []
         for request in batch:
             try:
@@ -293,4 +301,3 @@ class GenerationTask:
             except BadRequestError as exc:
                 results.append(exc)
         return results
-

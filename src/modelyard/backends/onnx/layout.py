@@ -77,7 +77,7 @@ class ModelFiles:
         return template if isinstance(template, str) and template else None
 
     def special_token(self, name: str) -> str | None:
-        """``bos_token``/``eos_token``/``pad_token`` text (tokenizer_config or special_tokens_map)."""
+        """The text of ``bos_token``, ``eos_token`` or ``pad_token``, wherever it is stated."""
         for source in (self.tokenizer_config, self.read_json("special_tokens_map.json")):
             value = source.get(name)
             if isinstance(value, dict):

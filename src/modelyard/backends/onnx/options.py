@@ -27,6 +27,9 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Threads running independent operators in parallel; None lets onnxruntime pick.
     inter_op_threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
     graph_optimization: GraphOptimization = "all"
+    #: Let onnxruntime's worker threads busy-wait for work. Off by default: a server shares
+    #: its cores with the event loop and tokenisers, and spinning threads starve them.
+    spin_wait: bool = False
     #: Write the optimised graph here (relative paths are inside the model directory).
     optimized_model_path: str | None = None
     #: Embeddings: how token vectors become one vector.

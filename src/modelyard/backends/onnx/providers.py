@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["AUTO_ORDER", "CPU", "canonical_provider", "plan_providers", "open_with_fallback"]
+__all__ = ["AUTO_ORDER", "CPU", "canonical_provider", "open_with_fallback", "plan_providers"]
 
 log = logging.getLogger("modelyard.backends.onnx")
 
@@ -28,7 +28,10 @@ _ALIASES = {
 }
 #: What ``providers = "auto"`` tries, best first; CPU always closes the list.
 AUTO_ORDER = (
-    "CUDAExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider", CPU,
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    CPU,
 )
 
 

@@ -63,7 +63,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
             size, pos = _varint(buf, pos)
             if pos + size > len(buf):
                 raise _Malformed("length-delimited field runs past the end")
-            yield number, wire, buf[pos: pos + size]
+            yield number, wire, buf[pos : pos + size]
             pos += size
         elif wire in (_I64, _I32):
             pos += 8 if wire == _I64 else 4
@@ -159,7 +159,10 @@ class _Walker:
 
 
 def summarize(path: Path) -> GraphSummary:
-    """Parse ``path`` far enough to list its interface and external data; ModelLoadError if not ONNX."""
+    """Parse ``path`` far enough to list its interface and external data.
+
+    A file that is not ONNX protobuf raises ModelLoadError saying so.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -15,16 +15,33 @@ from modelyard.core.types import Tensor, TensorRequest, TensorResult, TensorSpec
 __all__ = ["TensorTask", "numpy_dtype", "spec_of", "v2_datatype"]
 
 _ORT_TO_V2 = {
-    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
-    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
     "tensor(string)": "BYTES",
 }
 _V2_TO_NUMPY: dict[str, Any] = {
-    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
-    "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
-    "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "BOOL": np.bool_,
     "BYTES": object,
 }
 Feeds = dict[str, npt.NDArray[Any]]
@@ -155,7 +172,7 @@ class TensorTask:
             if outputs is not None and all(o.shape[:1] == (sum(rows),) for o in outputs):
                 offsets = np.cumsum([0, *rows])
                 return [
-                    (m[0], self._result(names, [o[offsets[k]: offsets[k + 1]] for o in outputs]))
+                    (m[0], self._result(names, [o[offsets[k] : offsets[k + 1]] for o in outputs]))
                     for k, m in enumerate(members)
                 ]
         answered: list[tuple[int, TensorResult | Exception]] = []
@@ -167,7 +184,7 @@ class TensorTask:
         return answered
 
     def _session_run(self, names: list[str], feeds: Feeds) -> list[npt.NDArray[Any]]:
-        from onnxruntime.capi.onnxruntime_pybind11_state import (  # noqa: PLC0415
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
             InvalidArgument,
         )
 
@@ -180,8 +197,8 @@ class TensorTask:
 
     def _result(self, names: list[str], arrays: list[npt.NDArray[Any]]) -> TensorResult:
         tensors = []
-        for name, array in zip(names, arrays, strict=True):
-            array = np.asarray(array)
+        for name, raw in zip(names, arrays, strict=True):
+            array = np.asarray(raw)
             datatype = self.outputs[name].datatype
             data: Any
             if datatype == "BYTES":

@@ -20,7 +20,7 @@ _FILLED = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_
 
 def load_tokenizer(files: ModelFiles) -> Any:
     """The ``tokenizers`` Tokenizer of a model directory; ModelLoadError when missing or broken."""
-    from tokenizers import Tokenizer  # noqa: PLC0415 - runtime dependency, imported lazily
+    from tokenizers import Tokenizer
 
     path = files.tokenizer_path
     if path is None:

@@ -1,0 +1,357 @@
+"""MiniLM embeddings: bare onnxruntime vs. modelyard over HTTP, in one run.
+
+    .venv/bin/python bench/onnx_embeddings.py [--seconds 6] [--cache-dir DIR]
+
+1. bare: tokenizers + onnxruntime + mean pooling + L2 in this process, batch 1/8/32;
+2. served: a real ``modelyard serve`` (uvicorn, its own process) on 127.0.0.1 with the demo
+   ``all-minilm-l6-v2``, one sentence per POST /v1/embeddings, closed-loop concurrency
+   1/8/32 from one asyncio process speaking raw HTTP/1.1 keep-alive (the lightest client);
+3. the ratios: served c32 / bare b32 (target >= 0.85) and lone request p50 vs. bare b1
+   (target <= bare + 2 ms), plus the client's and the server's CPU seconds.
+
+Every sentence is 16 tokens long ([CLS] + 14 words + [SEP]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL = "all-minilm-l6-v2"
+WORDS = [
+    "river",
+    "mountain",
+    "quiet",
+    "engine",
+    "paper",
+    "window",
+    "garden",
+    "music",
+    "yellow",
+    "thunder",
+    "silver",
+    "bread",
+    "lamp",
+    "forest",
+    "ocean",
+    "clock",
+    "market",
+    "winter",
+    "pencil",
+    "harbor",
+    "valley",
+    "bridge",
+    "stone",
+    "candle",
+    "meadow",
+    "rocket",
+    "violin",
+    "tiger",
+    "cloud",
+    "orange",
+]
+
+
+def sentences(tokenizer: Any, count: int, tokens: int = 16) -> list[str]:
+    """Distinct sentences that each tokenise to exactly ``tokens`` tokens."""
+    tokenizer.no_padding()  # tokenizer.json may pad everything to a fixed length
+    tokenizer.no_truncation()
+    rng = random.Random(0)
+    out: list[str] = []
+    while len(out) < count:
+        text = " ".join(rng.choice(WORDS) for _ in range(tokens - 2))
+        if len(tokenizer.encode(text).ids) == tokens:
+            out.append(text)
+    return out
+
+
+def prepare_model(cache_dir: Path) -> Path:
+    from modelyard import demo
+
+    return demo.prepare(MODEL, cache_dir, lambda phase, pct: print(f"  {phase}", file=sys.stderr))
+
+
+# -- bare onnxruntime ----------------------------------------------------------------------
+
+
+def bare(
+    model_dir: Path, texts: list[str], batch: int, seconds: float, *, spin: bool
+) -> tuple[float, float]:
+    """Sentences/s and median call latency (ms) of tokenise + run + pool at ``batch``.
+
+    ``spin``: onnxruntime's default busy-waiting worker threads; the backend turns it off.
+    """
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(256)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"]
+    )
+
+    def call(chunk: list[str]) -> None:
+        encodings = tokenizer.encode_batch(chunk)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = session.run(["last_hidden_state"], feeds)
+        weights = mask[:, :, None].astype(np.float32)
+        vectors = (hidden * weights).sum(1) / weights.sum(1)
+        _ = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist()
+
+    for i in range(3):
+        call(texts[i * batch : (i + 1) * batch])
+    latencies, done, i = [], 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        chunk = [texts[(i + k) % len(texts)] for k in range(batch)]
+        t = time.perf_counter()
+        call(chunk)
+        latencies.append(time.perf_counter() - t)
+        done += batch
+        i += batch
+    elapsed = time.perf_counter() - start
+    return done / elapsed, statistics.median(latencies) * 1000
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    model_dir: Path, workdir: Path, batching: dict[str, Any], options: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    lines = [
+        "[[models]]",
+        f'name = "{MODEL}"',
+        'backend = "onnx"',
+        f'source = "{model_dir}"',
+        'task = "embeddings"',
+        "[models.batching]",
+        *(f"{k} = {json.dumps(v)}" for k, v in batching.items()),
+        "[models.options]",
+        *(f"{k} = {json.dumps(v)}" for k, v in options.items()),
+    ]
+    config = workdir / "bench.toml"
+    config.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "MODELYARD_PLUGINS": "onnx"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelyard",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return proc, port
+
+
+def server_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: a request out, a Content-Length response back."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
+    ) -> None:
+        self.reader, self.writer, self.port = reader, writer, port
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer, port)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), payload
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            conn = await Connection.open(port)
+            status, _ = await conn.request("GET", "/v2/health/ready")
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("server never became ready")
+
+
+async def served(port: int, texts: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    bodies = [json.dumps({"model": MODEL, "input": t}).encode() for t in texts]
+    conns = [await Connection.open(port) for _ in range(concurrency)]
+    for conn in conns:  # warm each connection
+        await conn.request("POST", "/v1/embeddings", bodies[0])
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    errors = 0
+
+    async def worker(k: int, conn: Connection) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            status, _ = await conn.request("POST", "/v1/embeddings", bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - t)
+            errors += status != 200
+            i += concurrency
+
+    cpu, start = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(k, c) for k, c in enumerate(conns)))
+    elapsed = time.perf_counter() - start
+    for conn in conns:
+        conn.close()
+    return {
+        "rate": len(latencies) / elapsed,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": sorted(latencies)[int(0.99 * (len(latencies) - 1))] * 1000,
+        "client_cpu": time.process_time() - cpu,
+        "errors": errors,
+        "elapsed": elapsed,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the demo model is prepared (default: modelyard's cache)",
+    )
+    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help="model options as JSON, e.g. '{\"spin_wait\": true}'",
+    )
+    args = parser.parse_args()
+
+    from tokenizers import Tokenizer
+
+    from modelyard.core.service import InferenceService
+    from modelyard.core.settings import decode_settings
+
+    cache = args.cache_dir or InferenceService.default_cache_dir(decode_settings({}, env={}))
+    model_dir = prepare_model(cache)
+    texts = sentences(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 512)
+    print(f"model: {model_dir}  cores: {os.cpu_count()}  sentence: 16 tokens", flush=True)
+
+    # Both bare variants, interleaved per batch size so background load hits them alike.
+    bare_rows: dict[tuple[str, int], tuple[float, float]] = {}
+    for b in (1, 8, 32):
+        for label, spin in (("bare", True), ("bare-nospin", False)):
+            bare_rows[(label, b)] = bare(model_dir, texts, b, args.seconds, spin=spin)
+    batching: dict[str, Any] = {"max_queue_delay_ms": args.max_queue_delay_ms}
+    if args.max_batch_size:
+        batching["max_batch_size"] = args.max_batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_server(model_dir, Path(tmp), batching, args.options)
+        try:
+            asyncio.run(wait_ready(port, proc))
+            served_rows = {}
+            for c in (1, 8, 32):
+                cpu0 = server_cpu_s(proc.pid)
+                row = asyncio.run(served(port, texts, c, args.seconds))
+                row["server_cpu"] = server_cpu_s(proc.pid) - cpu0
+                served_rows[c] = row
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    header = ("", "n", "sent/s", "p50 ms", "p99 ms", "client cpu s", "server cpu s", "errors")
+    print("\n{:>12} {:>3} {:>9} {:>8} {:>8} {:>13} {:>13} {:>7}".format(*header))
+    for (label, b), (rate, p50) in bare_rows.items():
+        print(f"{label:>12} {b:>3} {rate:>9.1f} {p50:>8.2f}")
+    for c, row in served_rows.items():
+        print(
+            f"{'served':>12} {c:>3} {row['rate']:>9.1f} {row['p50']:>8.2f} {row['p99']:>8.2f} "
+            f"{row['client_cpu']:>13.2f} {row['server_cpu']:>13.2f} {int(row['errors']):>7}"
+        )
+
+    def best(b: int) -> tuple[float, float]:
+        """The better bare variant: throughput is compared against the stronger baseline."""
+        rows = [bare_rows[("bare", b)], bare_rows[("bare-nospin", b)]]
+        return max(r[0] for r in rows), min(r[1] for r in rows)
+
+    ratio = served_rows[32]["rate"] / best(32)[0]
+    lone = served_rows[1]["p50"] - best(1)[1]
+    verdict = "ok" if ratio >= 0.85 else "MISSED"
+    print(f"\nserved c32 / best bare b32: {ratio:.2f}x (target >= 0.85)  {verdict}")
+    print(f"served c8 / best bare b8:   {served_rows[8]['rate'] / best(8)[0]:.2f}x")
+    print(
+        f"lone request p50: {served_rows[1]['p50']:.2f} ms vs best bare b1 {best(1)[1]:.2f} ms "
+        f"({lone:+.2f} ms; target <= +2 ms)  {'ok' if lone <= 2.0 else 'MISSED'}"
+    )
+    c32 = served_rows[32]
+    per_request_us = c32["client_cpu"] / max(1.0, c32["rate"] * c32["elapsed"]) * 1e6
+    print(f"client CPU per request at c32: {per_request_us:.0f} us")
+    print(
+        f"load average at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews rows)"
+    )
+
+
+if __name__ == "__main__":
+    main()
