@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from modelyard.cache.codec import ResultCodec
-    from modelyard.cache.config import CacheSettings, TierSettings
+    from modelyard.cache.config import CacheDirective, CacheSettings, TierSettings
     from modelyard.cache.dedup import DedupTier
     from modelyard.cache.disk import DiskOptions, DiskTier
     from modelyard.cache.factory import build_cache_layer, cache_directory
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from modelyard.cache.memory import MemoryOptions, MemoryTier
 
 __all__ = [
+    "CacheDirective",
     "CacheLayer",
     "CacheSettings",
     "DedupTier",
@@ -41,7 +42,7 @@ __all__ = [
 
 _HOME = {
     "CacheLayer": "layer", "Outcome": "layer", "PurgeGenerations": "layer",
-    "replay_stream": "layer", "CacheSettings": "config", "TierSettings": "config",
+    "replay_stream": "layer", "CacheDirective": "config", "CacheSettings": "config", "TierSettings": "config",
     "DedupTier": "dedup", "DiskOptions": "disk", "DiskTier": "disk", "KeyFields": "keys",
     "is_cacheable": "keys", "weights_digest": "keys", "MemoryOptions": "memory",
     "MemoryTier": "memory", "ResultCodec": "codec", "build_cache_layer": "factory",

@@ -6,7 +6,7 @@ from typing import Any
 
 from msgspec import Struct, field
 
-__all__ = ["CacheSettings", "TierSettings"]
+__all__ = ["CacheDirective", "CacheSettings", "TierSettings"]
 
 
 class TierSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -35,3 +35,15 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     secret: str | None = None
     #: Read in order; a hit in a lower tier is copied into the tiers above it.
     tiers: list[TierSettings] = field(default_factory=_default_tiers)
+
+
+class CacheDirective(Struct, kw_only=True):
+    """What one request asks of the cache, and (filled in by the service) what happened."""
+
+    #: The caller's tenant: part of the key, so tenants never share entries.
+    tenant: str = ""
+    #: ``Cache-Control: no-cache``: do not read the cache; store the fresh answer.
+    refresh: bool = False
+    #: Set by the service: "HIT", "MISS", or "BYPASS" (not cacheable or no cache); the
+    #: ``X-Cache`` header.
+    status: str = "BYPASS"
