@@ -133,7 +133,9 @@ def list_cmd(obj: _Context, as_json: bool) -> None:
         rows = [{**msgspec.to_builtins(r), "status": r.status(now)} for r in records]
         click.echo(msgspec.json.encode(rows))
         return
-    table = Table("id", "name", "roles", "models", "tenant", "status", "created", "expires")
+    table = Table()
+    for column in ("id", "name", "roles", "models", "tenant", "status", "created", "expires"):
+        table.add_column(column, no_wrap=column == "id")  # an id must stay copyable
     for r in records:
         table.add_row(r.id, r.name, ",".join(r.roles), _models(r), r.tenant, r.status(now),
                       _when(r.created_at), _when(r.expires_at))
