@@ -11,7 +11,7 @@ import pytest
 from modelyard.backends.onnx.backend import OnnxBackend
 from modelyard.backends.onnx.options import OnnxOptions
 from modelyard.core.backend import LoadContext
-from modelyard.core.errors import BadRequestError
+from modelyard.core.errors import BadRequestError, ModelLoadError
 from modelyard.core.types import (
     ChatMessage,
     ChatRequest,
@@ -162,3 +162,20 @@ async def test_chat_streams_over_openai_api(start_onnx_api: Any, tiny_gpt2: Path
     assert lines[-1] == "data: [DONE]"
     plain = (await api.client.post("/v1/chat/completions", json={**body, "stream": False})).json()
     assert plain["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def test_chat_without_a_template_fails_to_load_with_the_reason(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_gpt2, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = (plain / "tokenizer_config.json").read_text()
+    (plain / "tokenizer_config.json").write_text(
+        config.replace('"chat_template"', '"unused_template"')
+    )
+    assert OnnxBackend.detect_task(plain, OnnxOptions()) == Task.COMPLETION
+    with pytest.raises(ModelLoadError, match="chat template"):
+        await _backend(plain, Task.CHAT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -194,7 +195,7 @@ def task_of(files: ModelFiles, summary: GraphSummary) -> Task:
         return Task.TENSOR
     causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures)
     if causal or any(name.startswith("past_key_values.") for name in summary.inputs):
-        return Task.CHAT if files.chat_template() else Task.COMPLETION
+        return Task.CHAT if files.chat_template() and _has_jinja2() else Task.COMPLETION
     if any(a.endswith("ForSequenceClassification") for a in architectures) or (
         summary.outputs == ["logits"] and config.get("id2label")
     ):
@@ -202,6 +203,10 @@ def task_of(files: ModelFiles, summary: GraphSummary) -> Task:
     if _EMBEDDING_OUTPUTS & set(summary.outputs):
         return Task.EMBEDDINGS
     return Task.TENSOR
+
+
+def _has_jinja2() -> bool:
+    return importlib.util.find_spec("jinja2") is not None
 
 
 def _compact(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +255,10 @@ def _build_runner(
         from modelyard.backends.onnx.generation import GenerationTask
 
         runner = GenerationTask(session, files)
+        if task == Task.CHAT and runner.chat_template is None:
+            raise ModelLoadError("task chat needs a chat template in tokenizer_config.json")
+        if task == Task.CHAT and not _has_jinja2():
+            raise ModelLoadError("task chat renders its template with jinja2: pip install jinja2")
         return runner, {
             "context_length": runner.context,
             "chat_template": runner.chat_template is not None,
