@@ -435,10 +435,14 @@ def _too_many(decision: Decision, fields: dict[str, str]) -> RateLimitedError:
 
 
 class BodyTimeout:
-    """ASGI middleware: a request body that stalls for ``timeout_s`` gets 408.
+    """ASGI middleware: a request body that stalls for ``timeout_s`` gets 408, and a 408 or
+    413 closes the connection.
 
     uvicorn's only slow-client timer is ``timeout_keep_alive`` (idle connections between
-    requests); a client trickling a body would otherwise hold a handler forever.
+    requests); a client trickling a body would otherwise hold a handler forever. After a 413
+    or 408 the rest of the body is never read, so the connection cannot carry another
+    request: ``Connection: close`` makes uvicorn close it at once instead of leaving the
+    client sending into it until the keep-alive timer fires.
     """
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
@@ -472,4 +476,10 @@ class BodyTimeout:
             pending = message["type"] == "http.request" and bool(message.get("more_body"))
             return message
 
-        await self.app(scope, timed_receive, send)
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (408, 413):
+                headers = list(cast("Iterable[tuple[bytes, bytes]]", message.get("headers", [])))
+                message["headers"] = [*headers, (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, timed_receive, send_closing)
