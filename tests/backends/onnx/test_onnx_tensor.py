@@ -118,3 +118,27 @@ def test_same_shaped_requests_share_one_run_and_split_back(tensor_model: Path) -
     assert second.outputs[0].shape == (2, 3)
     assert second.outputs[0].data.tolist() == [2 * (10.0 + i) for i in range(6)]
     assert results[3].outputs[1].data.tolist() == [1, 2, 3]  # type: ignore[union-attr]
+
+
+async def test_bytes_tensors_round_trip(start_onnx_api: Any, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["S"], ["O"])],
+        "strings",
+        [helper.make_tensor_value_info("S", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("O", TensorProto.STRING, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save_model(model, str(tmp_path / "model.onnx"))
+    api = await start_onnx_api(_model(tmp_path, task="tensor"))
+    body = {"inputs": [{"name": "S", "datatype": "BYTES", "shape": [2], "data": ["héllo", "b"]}]}
+    r = await api.client.post("/v2/models/t/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0] == {
+        "name": "O",
+        "datatype": "BYTES",
+        "shape": [2],
+        "data": ["héllo", "b"],
+    }

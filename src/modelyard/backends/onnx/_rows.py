@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from modelyard.backends.onnx.text import Encoded, TextEncoder
 
-__all__ = ["run_rows", "split_rows"]
+__all__ = ["run_rows"]
 
-T = TypeVar("T")
 Rows = npt.NDArray[Any]
 
 
@@ -45,13 +44,3 @@ def run_rows(
     result = np.empty_like(stacked)
     result[np.array(order)] = stacked
     return result, tokens, truncated
-
-
-def split_rows(counts: Sequence[int], items: Sequence[T]) -> list[Sequence[T]]:
-    """Cut a flat sequence back into one slice per request."""
-    out: list[Sequence[T]] = []
-    start = 0
-    for n in counts:
-        out.append(items[start : start + n])
-        start += n
-    return out
