@@ -43,7 +43,7 @@ __all__ = [
     "POLICIES",
     "PUBLIC_PREFIXES",
     "ROLE_PERMISSIONS",
-    "BodyTimeout",
+    "BodyLimits",
     "Permission",
     "Policy",
     "Security",
@@ -434,15 +434,15 @@ def _too_many(decision: Decision, fields: dict[str, str]) -> RateLimitedError:
     )
 
 
-class BodyTimeout:
-    """ASGI middleware: a request body that stalls for ``timeout_s`` gets 408, and a 408 or
-    413 closes the connection.
+class BodyLimits:
+    """ASGI middleware for request bodies: one that stalls for ``timeout_s`` gets 408, and
+    a response sent before the body was read closes the connection.
 
     uvicorn's only slow-client timer is ``timeout_keep_alive`` (idle connections between
-    requests); a client trickling a body would otherwise hold a handler forever. After a 413
-    or 408 the rest of the body is never read, so the connection cannot carry another
-    request: ``Connection: close`` makes uvicorn close it at once instead of leaving the
-    client sending into it until the keep-alive timer fires.
+    requests); a client trickling a body would otherwise hold a handler forever. A body left
+    unread (413, 401 before reading, 408) means the connection cannot carry another request:
+    ``Connection: close`` makes uvicorn close it at once, instead of the client sending into
+    it until the keep-alive timer fires.
     """
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
@@ -460,7 +460,7 @@ class BodyTimeout:
         if scope["type"] != "http":  # type: ignore[comparison-overlap]
             await self.app(scope, receive, send)
             return
-        pending = True
+        pending = _has_body(scope)
 
         async def timed_receive() -> Any:
             nonlocal pending
@@ -477,9 +477,15 @@ class BodyTimeout:
             return message
 
         async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in (408, 413):
-                headers = list(cast("Iterable[tuple[bytes, bytes]]", message.get("headers", [])))
-                message["headers"] = [*headers, (b"connection", b"close")]
+            if message["type"] == "http.response.start" and pending:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
         await self.app(scope, timed_receive, send_closing)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
