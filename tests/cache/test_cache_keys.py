@@ -183,15 +183,35 @@ def test_a_loose_secret_file_is_tightened(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
 
 
-def test_weights_digest_follows_content_and_names(tmp_path: Path) -> None:
+def test_weights_digest_follows_replacement_and_names(tmp_path: Path) -> None:
     model = tmp_path / "m"
-    model.mkdir()
+    (model / "sub").mkdir(parents=True)
     (model / "model.onnx").write_bytes(b"weights")
-    (model / "empty.txt").write_bytes(b"")
+    (model / "sub" / "empty.txt").write_bytes(b"")
+    (model / ".git").mkdir()
+    (model / ".git" / "HEAD").write_bytes(b"ignored")
     first = weights_digest(model)
     assert weights_digest(model) == first
-    (model / "model.onnx").write_bytes(b"weightz")
+    (model / ".git" / "HEAD").write_bytes(b"still ignored")
+    assert weights_digest(model) == first
+    replacement = tmp_path / "new.onnx"
+    replacement.write_bytes(b"weightz")
+    os.replace(replacement, model / "model.onnx")  # same name and size, new file
+    assert weights_digest(model) != first
+    (model / "sub" / "empty.txt").rename(model / "sub" / "renamed.txt")
     assert weights_digest(model) != first
     single = tmp_path / "one.gguf"
     single.write_bytes(b"gguf")
     assert weights_digest(single) != weights_digest(model)
+
+
+def test_weights_digest_can_hash_content(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"aaaa")
+    stat_before = os.stat(model)
+    quick, full = weights_digest(model), weights_digest(model, content=True)
+    assert quick != full
+    model.write_bytes(b"bbbb")  # same size; put the old times back: only content tells
+    os.utime(model, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    assert weights_digest(model) == quick
+    assert weights_digest(model, content=True) != full

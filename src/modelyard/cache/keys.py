@@ -168,16 +168,37 @@ def _read_secret(path: Path) -> bytes:
     return data
 
 
-def weights_digest(path: Path) -> str:
-    """blake3 over every file under ``path`` (names and contents); run off the event loop."""
+def weights_digest(path: Path, *, content: bool = False) -> str:
+    """A digest of the weight files under ``path``, so a model replaced in place gets new keys.
+
+    By default each file counts by name, size, inode and mtime (what rsync's quick check
+    trusts): milliseconds even for multi-GB weights. ``content=True`` hashes the bytes too
+    (blake3, multithreaded). Hidden entries (``.git``, ``.venv``, ...) are skipped. Run it
+    off the event loop.
+    """
     hasher = blake3(max_threads=blake3.AUTO)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        name = file.name if file == path else file.relative_to(path).as_posix()
-        encoded = name.encode()
-        hasher.update(len(encoded).to_bytes(_LENGTH_BYTES, "big") + encoded)
-        size = file.stat().st_size
-        hasher.update(size.to_bytes(_LENGTH_BYTES, "big"))
-        if size:  # mmap refuses empty files
+    for file, name in _weight_files(path):
+        st = file.stat()
+        for part in (name.encode(), str((st.st_size, st.st_ino, st.st_mtime_ns)).encode()):
+            hasher.update(len(part).to_bytes(_LENGTH_BYTES, "big") + part)
+        if content and st.st_size:  # mmap refuses empty files
             hasher.update_mmap(file)
     return hasher.hexdigest()
+
+
+def _weight_files(path: Path) -> list[tuple[Path, str]]:
+    if path.is_file():
+        return [(path, path.name)]
+    found: list[tuple[Path, str]] = []
+    pending = [path]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file():
+                    file = Path(entry.path)
+                    found.append((file, file.relative_to(path).as_posix()))
+    return sorted(found, key=lambda item: item[1])
