@@ -477,7 +477,9 @@ class BodyLimits:
             return message
 
         async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and pending:
+            if message["type"] == "http.response.start" and (
+                pending or message["status"] in (408, 413)
+            ):
                 message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
