@@ -1,0 +1,325 @@
+"""Prometheus metrics: one :class:`Metrics` per app, each with its own CollectorRegistry.
+
+Counters and histograms that events drive (requests, queue waits, batches, tokens, loads,
+swaps) are recorded as the events happen, through children bound once per model version so
+the hot path does no label lookups. Everything that is state (queue depth, breaker state,
+version state, failover counters the chains keep anyway) is read from the service when
+Prometheus scrapes, so it costs nothing between scrapes and can never drift from the truth.
+
+One process by design: the registry lives in the serving process. Scale out with more
+processes behind a balancer and scrape each one (see docs/observability.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from modelyard import __version__
+from modelyard.core.breaker import CircuitState
+from modelyard.core.registry import VersionState
+
+if TYPE_CHECKING:
+    from modelyard.core.registry import ModelVersion
+    from modelyard.core.service import InferenceService
+
+__all__ = ["Metrics", "VersionMetrics", "exposition"]
+
+PREFIX = "modelyard"
+MODEL_LABELS = ("model", "version")
+BACKEND_LABELS = ("model", "version", "backend")
+
+# Seconds; request-scale buckets reach minutes because generation can take that long.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class VersionMetrics:
+    """The children of every per-version metric, bound once for one model version."""
+
+    __slots__ = (
+        "_metrics",
+        "_requests",
+        "backend_call",
+        "batch_size",
+        "generated_tokens",
+        "inter_token",
+        "labels",
+        "load_duration",
+        "prompt_tokens",
+        "queue_wait",
+        "request_duration",
+        "time_to_first_token",
+    )
+
+    def __init__(self, metrics: Metrics, model: str, version: str, backend: str) -> None:
+        self._metrics = metrics
+        self.labels = (model, version, backend)
+        mv = (model, version)
+        self.request_duration = metrics.request_duration.labels(*self.labels)
+        self.queue_wait = metrics.queue_wait.labels(*mv)
+        self.batch_size = metrics.batch_size.labels(*mv)
+        self.backend_call = metrics.backend_call.labels(*self.labels)
+        self.time_to_first_token = metrics.time_to_first_token.labels(*mv)
+        self.inter_token = metrics.inter_token_latency.labels(*mv)
+        self.prompt_tokens = metrics.prompt_tokens.labels(*mv)
+        self.generated_tokens = metrics.generated_tokens.labels(*mv)
+        self.load_duration = metrics.load_duration.labels(*self.labels)
+        self._requests: dict[str, Any] = {}
+
+    def request(self, status: int | str, seconds: float) -> None:
+        """One finished inference request with its HTTP status and duration."""
+        key = str(status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self._metrics.requests.labels(*self.labels, key)
+        child.inc()
+        self.request_duration.observe(seconds)
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.backend_call.observe(seconds)
+
+    def tokens(self, prompt: int | None, generated: int | None) -> None:
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+        if generated:
+            self.generated_tokens.inc(generated)
+
+
+class Metrics:
+    """Every modelyard metric, registered in ``registry`` (a new one unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        self._versions: dict[tuple[str, str, str], VersionMetrics] = {}
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labelnames=tuple(labels), registry=r)
+
+        def histogram(name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]) -> Histogram:
+            return Histogram(
+                f"{PREFIX}_{name}", doc, labelnames=tuple(labels), buckets=tuple(buckets), registry=r
+            )
+
+        def gauge(name: str, doc: str, labels: Iterable[str]) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labelnames=tuple(labels), registry=r)
+
+        build = gauge("build_info", "The modelyard release serving (always 1).", ["release"])
+        build.labels(__version__).set(1)
+
+        # -- requests ------------------------------------------------------------------------
+        self.requests = counter(
+            "requests", "Inference requests answered, by HTTP status.", [*BACKEND_LABELS, "status"]
+        )
+        self.request_duration = histogram(
+            "request_duration_seconds", "Inference request duration as the client saw it "
+            "(a stream until its last byte).", BACKEND_LABELS, REQUEST_BUCKETS,
+        )
+        self.http_requests = counter(
+            "http_requests", "Every HTTP request, by route template and status.",
+            ["method", "route", "status"],
+        )
+        # -- batching -------------------------------------------------------------------------
+        self.queue_wait = histogram(
+            "queue_wait_seconds", "Time a request waited in its version's batch queue.",
+            MODEL_LABELS, QUEUE_BUCKETS,
+        )
+        self.batch_size = histogram(
+            "batch_size", "Requests per backend call.", MODEL_LABELS, BATCH_BUCKETS
+        )
+        self.backend_call = histogram(
+            "backend_call_duration_seconds", "Duration of one batched backend call.",
+            BACKEND_LABELS, REQUEST_BUCKETS,
+        )
+        # -- generation -----------------------------------------------------------------------
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from the start of a stream to its first text.",
+            MODEL_LABELS, TTFT_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive streamed text chunks.",
+            MODEL_LABELS, ITL_BUCKETS,
+        )
+        self.prompt_tokens = counter(
+            "prompt_tokens", "Prompt (input) tokens processed.", MODEL_LABELS
+        )
+        self.generated_tokens = counter(
+            "generated_tokens", "Tokens generated (completion tokens).", MODEL_LABELS
+        )
+        # -- model lifecycle ------------------------------------------------------------------
+        self.load_duration = histogram(
+            "model_load_duration_seconds", "Time to load a model version (source, load, health).",
+            BACKEND_LABELS, LOAD_BUCKETS,
+        )
+        self.swaps = counter("model_swaps", "Active-version swaps (canary promotions included).",
+                             ["model"])
+        self.rollbacks = counter(
+            "model_rollbacks", "Returns to a previous version: manual or canary (automatic).",
+            ["model", "reason"],
+        )
+        # -- cache (recorded by the cache layer through the methods below) --------------------
+        self.cache_hits = counter("cache_hits", "Cache lookups answered by a tier.", ["tier"])
+        self.cache_misses = counter("cache_misses", "Cache lookups a tier could not answer.",
+                                    ["tier"])
+        self.cache_size = gauge("cache_bytes", "Bytes held by a cache tier.", ["tier"])
+        self.cache_dedup = gauge(
+            "cache_dedup_ratio", "Bytes written by callers / bytes stored (1 = no saving).",
+            ["tier"],
+        )
+        self.cache_coalesced = counter(
+            "cache_coalesced_requests", "Requests that shared an identical in-flight request.",
+            ["model"],
+        )
+        # -- security (recorded by the auth layer) --------------------------------------------
+        self.auth_failures = counter(
+            "auth_failures", "Requests refused authentication or authorisation.", ["reason"]
+        )
+        self.rate_limited = counter(
+            "rate_limited_requests", "Requests refused by a rate limit.", ["model"]
+        )
+
+    # -- per version -----------------------------------------------------------------------
+
+    def version(self, model: str, version: str, backend: str) -> VersionMetrics:
+        """The bound children for one model version (created on first use, then reused)."""
+        key = (model, version, backend)
+        found = self._versions.get(key)
+        if found is None:
+            found = self._versions[key] = VersionMetrics(self, model, version, backend)
+        return found
+
+    def for_version(self, version: ModelVersion) -> VersionMetrics:
+        return self.version(version.name, version.version, version.spec.backend.name)
+
+    # -- events without a model version -----------------------------------------------------
+
+    def http_request(self, method: str, route: str, status: int | str) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+
+    def model_swapped(self, model: str) -> None:
+        self.swaps.labels(model).inc()
+
+    def model_rolled_back(self, model: str, reason: str) -> None:
+        """``reason``: ``manual`` (the admin API) or ``canary`` (its breaker or error rate)."""
+        self.rollbacks.labels(model, reason).inc()
+
+    def cache_lookup(self, tier: str, hit: bool) -> None:
+        """One tier answered (``hit``) or not; a miss in memory then a hit on disk is two calls."""
+        (self.cache_hits if hit else self.cache_misses).labels(tier).inc()
+
+    def cache_bytes(self, tier: str, size: int) -> None:
+        self.cache_size.labels(tier).set(size)
+
+    def cache_dedup_ratio(self, tier: str, ratio: float) -> None:
+        self.cache_dedup.labels(tier).set(ratio)
+
+    def cache_coalesced_request(self, model: str = "") -> None:
+        self.cache_coalesced.labels(model).inc()
+
+    def auth_failure(self, reason: str) -> None:
+        """``reason`` is a short fixed word (missing, invalid, expired, forbidden), never input."""
+        self.auth_failures.labels(reason).inc()
+
+    def rate_limited_request(self, model: str = "") -> None:
+        self.rate_limited.labels(model).inc()
+
+    # -- state read at scrape time ------------------------------------------------------------
+
+    def watch(self, service: InferenceService) -> None:
+        """Export the service's state (queues, breakers, versions, failovers) on every scrape."""
+        self.registry.register(_ServiceCollector(service))
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The registry in the format ``accept`` asks for (Prometheus text or OpenMetrics)."""
+        return exposition(self.registry, accept)
+
+
+def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+class _ServiceCollector(Collector):
+    """Reads queue depths, breaker and version states and failover counts from the service."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    def describe(self) -> Iterator[Any]:
+        # Empty families: the registry learns the names without collecting the service.
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Any]:
+        families = self._families()
+        depth, state, version_state, progress, transitions, failovers, exhausted = families
+        for entry in self._service.registry:
+            for v in entry.versions.values():
+                _version_samples(v, depth, state, version_state, progress, transitions)
+        for chain in self._service.aliases.values():
+            failovers.add_metric([chain.name], chain.failovers)
+            exhausted.add_metric([chain.name], chain.exhausted)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[Any]:
+        return [
+            GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting in a version's batch "
+                              "queue.", labels=MODEL_LABELS),
+            GaugeMetricFamily(f"{PREFIX}_circuit_breaker_state", "1 for the breaker's current "
+                              "state, 0 for the others.", labels=[*MODEL_LABELS, "state"]),
+            GaugeMetricFamily(f"{PREFIX}_model_version_state", "1 for the version's current "
+                              "state, 0 for the others.", labels=[*BACKEND_LABELS, "state"]),
+            GaugeMetricFamily(f"{PREFIX}_model_load_progress_ratio", "Load progress of a "
+                              "version, 0 to 1.", labels=MODEL_LABELS),
+            CounterMetricFamily(f"{PREFIX}_circuit_breaker_transitions", "Breaker state "
+                                "changes.", labels=[*MODEL_LABELS, "from_state", "to_state"]),
+            CounterMetricFamily(f"{PREFIX}_failovers", "Times a request to an alias moved on to "
+                                "its next target.", labels=["alias"]),
+            CounterMetricFamily(f"{PREFIX}_failover_exhausted", "Alias requests no target could "
+                                "answer (503).", labels=["alias"]),
+        ]
+
+
+def _version_samples(
+    v: ModelVersion,
+    depth: GaugeMetricFamily,
+    state: GaugeMetricFamily,
+    version_state: GaugeMetricFamily,
+    progress: GaugeMetricFamily,
+    transitions: CounterMetricFamily,
+) -> None:
+    mv = [v.name, v.version]
+    if v.batcher is not None:
+        depth.add_metric(mv, v.batcher.depth)
+    current = v.breaker.state  # applies time-driven transitions, as any reader does
+    for breaker_state in CircuitState:
+        state.add_metric([*mv, breaker_state.value], 1.0 if breaker_state is current else 0.0)
+    for lifecycle in VersionState:
+        version_state.add_metric([*mv, v.spec.backend.name, lifecycle.value],
+                                 1.0 if v.state is lifecycle else 0.0)
+    progress.add_metric(mv, v.progress / 100.0)
+    for (old, new), count in sorted(v.breaker.transitions.items()):
+        transitions.add_metric([*mv, old.value, new.value], count)
