@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Response, delete, get, post
 
+from modelyard.core.errors import ConflictError
 from modelyard.core.service import InferenceService
 from modelyard.core.types import Task
 
@@ -107,3 +108,18 @@ class AdminController(Controller):
     async def stop_canary(self, name: str, service: InferenceService) -> dict[str, Any]:
         service.stop_canary(name)
         return {"name": name, "traffic": service.traffic(name)}
+
+    @get("/cache")
+    async def cache_stats(self, service: InferenceService) -> dict[str, Any]:
+        """Response cache counters: hits, misses, coalesced, per-tier sizes and dedup ratio."""
+        if service.cache is None:
+            raise ConflictError("the response cache is disabled ([cache] enabled = false)")
+        return service.cache.stats()
+
+    @delete("/cache", status_code=200)
+    async def purge_cache(self, service: InferenceService, model: str | None = None) -> dict[str, Any]:
+        """Purge one model's cached responses (``?model=``), or all of them."""
+        if service.cache is None:
+            raise ConflictError("the response cache is disabled ([cache] enabled = false)")
+        await service.cache.purge(model)
+        return {"purged": model if model is not None else "all"}

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
-from modelyard.api.wire import model_headers
+from modelyard.api.wire import cache_directive, cache_headers, model_headers
+from modelyard.cache.config import CacheDirective
 from modelyard.core.errors import BadRequestError, ModelyardError
 from modelyard.core.registry import ModelVersion
 from modelyard.core.service import InferenceService
@@ -209,9 +210,11 @@ class _SSE:
 
 
 def _stream_response(
-    sse: _SSE, version: ModelVersion, chunks: AsyncIterator[StreamChunk]
+    sse: _SSE, version: ModelVersion, chunks: AsyncIterator[StreamChunk],
+    directive: CacheDirective | None = None,
 ) -> Stream:
-    headers = {**model_headers(version), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {**model_headers(version), **cache_headers(directive), "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
     return Stream(sse.events(chunks), media_type="text/event-stream", headers=headers)
 
 
@@ -240,7 +243,7 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, data: ChatCompletionBody, service: InferenceService
+        self, data: ChatCompletionBody, service: InferenceService, request: Request[Any, Any, Any]
     ) -> Response[Any] | Stream:
         """Chat with a model using its chat template; ``stream: true`` answers with SSE."""
         if not data.messages:
@@ -248,12 +251,13 @@ class OpenAIController(Controller):
         messages = tuple(
             ChatMessage(m.role, _message_text(m, i)) for i, m in enumerate(data.messages)
         )
-        request = ChatRequest(messages, _params(data, data.max_completion_tokens or data.max_tokens))
+        chat = ChatRequest(messages, _params(data, data.max_completion_tokens or data.max_tokens))
+        directive = cache_directive(request)
         if data.stream:
-            version, chunks = await service.stream(data.model, request)
+            version, chunks = await service.stream(data.model, chat, cache=directive)
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return _stream_response(_SSE("chat", version.name, include), version, chunks)
-        version, result = await service.infer(data.model, request)
+            return _stream_response(_SSE("chat", version.name, include), version, chunks, directive)
+        version, result = await service.infer(data.model, chat, cache=directive)
         assert isinstance(result, GenerationResult)
         body = {
             "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
@@ -265,11 +269,11 @@ class OpenAIController(Controller):
             }],
             "usage": _usage(result.prompt_tokens, result.completion_tokens),
         }
-        return Response(body, headers=model_headers(version))
+        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
 
     @post("/completions", status_code=200)
     async def completions(
-        self, data: CompletionBody, service: InferenceService
+        self, data: CompletionBody, service: InferenceService, request: Request[Any, Any, Any]
     ) -> Response[Any] | Stream:
         """Raw text completion; a list of prompts gives one choice per prompt."""
         prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
@@ -279,12 +283,17 @@ class OpenAIController(Controller):
         if data.stream:
             if len(prompts) != 1:
                 raise BadRequestError("streaming takes a single prompt")
-            version, chunks = await service.stream(data.model, CompletionRequest(prompts[0], params))
+            directive = cache_directive(request)
+            version, chunks = await service.stream(
+                data.model, CompletionRequest(prompts[0], params), cache=directive
+            )
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return _stream_response(_SSE("text", version.name, include), version, chunks)
-        answers = await asyncio.gather(
-            *(service.infer(data.model, CompletionRequest(p, params)) for p in prompts)
-        )
+            return _stream_response(_SSE("text", version.name, include), version, chunks, directive)
+        directives = [cache_directive(request) for _ in prompts]
+        answers = await asyncio.gather(*(
+            service.infer(data.model, CompletionRequest(p, params), cache=d)
+            for p, d in zip(prompts, directives, strict=True)
+        ))
         version = answers[0][0]
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, (_, result) in enumerate(answers):
@@ -300,10 +309,14 @@ class OpenAIController(Controller):
             "system_fingerprint": f"{version.name}:{version.version}",
             "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
         }
-        return Response(body, headers=model_headers(version))
+        statuses = {d.status if d is not None else "BYPASS" for d in directives}
+        status = statuses.pop() if len(statuses) == 1 else "MISS"
+        return Response(body, headers={**model_headers(version), "X-Cache": status})
 
     @post("/embeddings", status_code=200)
-    async def embeddings(self, data: EmbeddingBody, service: InferenceService) -> Response[Any]:
+    async def embeddings(
+        self, data: EmbeddingBody, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> Response[Any]:
         """Embed one text or a list of texts (``encoding_format`` float or base64)."""
         if isinstance(data.input, str):
             texts = [data.input]
@@ -313,7 +326,10 @@ class OpenAIController(Controller):
             raise BadRequestError("input must be text; token-id arrays are not supported")
         if not texts:
             raise BadRequestError("input must not be empty")
-        version, result = await service.infer(data.model, EmbeddingRequest(tuple(texts)))
+        directive = cache_directive(request)
+        version, result = await service.infer(
+            data.model, EmbeddingRequest(tuple(texts)), cache=directive
+        )
         assert isinstance(result, EmbeddingResult)
         if data.dimensions is not None and result.embeddings and data.dimensions != len(result.embeddings[0]):
             raise BadRequestError(
@@ -328,16 +344,19 @@ class OpenAIController(Controller):
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens,
                       "truncated_inputs": result.truncated_inputs},
         }
-        return Response(body, headers=model_headers(version))
+        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
 
     @post("/classify", status_code=200)
-    async def classify(self, data: ClassifyBody, service: InferenceService) -> Response[Any]:
+    async def classify(
+        self, data: ClassifyBody, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> Response[Any]:
         """Classify texts: labels with softmax scores, best first (modelyard extension)."""
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not texts:
             raise BadRequestError("input must not be empty")
+        directive = cache_directive(request)
         version, result = await service.infer(
-            data.model, ClassificationRequest(tuple(texts), top_k=data.top_k)
+            data.model, ClassificationRequest(tuple(texts), top_k=data.top_k), cache=directive
         )
         assert isinstance(result, ClassificationResult)
         body = {
@@ -348,7 +367,7 @@ class OpenAIController(Controller):
             ],
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return Response(body, headers=model_headers(version))
+        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
 
     @get("/plugins")
     async def plugins(self, service: InferenceService) -> dict[str, Any]:

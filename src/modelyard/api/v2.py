@@ -15,7 +15,7 @@ from modelyard.api.tensors import (
     json_data,
     validate_tensor,
 )
-from modelyard.api.wire import model_headers
+from modelyard.api.wire import cache_directive, cache_headers, model_headers
 from modelyard.core.errors import BadRequestError, ModelNotReadyError
 from modelyard.core.registry import ModelEntry, ModelVersion, VersionState
 from modelyard.core.service import InferenceService
@@ -306,8 +306,11 @@ class V2Controller(Controller):
         body, binary = _parse_body(await request.body(), request.headers.get(HEADER_LENGTH))
         target = service.resolve(name) if version is None else service.registry.get(name, version)
         core_request = to_request(target, body, _tensors(body, binary))
-        answered, result = await service.infer(name, core_request, version=version)
-        return _respond(answered, body, to_tensors(result))
+        directive = cache_directive(request)
+        answered, result = await service.infer(name, core_request, version=version, cache=directive)
+        response = _respond(answered, body, to_tensors(result))
+        response.headers.update(cache_headers(directive))
+        return response
 
     @post("/repository/index", status_code=200)
     async def repository_index(self, service: InferenceService) -> list[dict[str, Any]]:

@@ -48,6 +48,8 @@ class ModelVersion:
         self.backend: Backend | None = None
         self.batcher: Batcher | None = None
         self.error: str = ""
+        #: blake3 of the weight files (set at load when the response cache is on).
+        self.weights_digest: str = ""
         self.progress: float = 0.0
         self.phase: str = "queued"
         self._state: VersionState | None = None

@@ -7,11 +7,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import platformdirs
 
+from modelyard import __version__
+from modelyard.cache.config import CacheDirective
 from modelyard.core.backend import Backend, LoadContext
 from modelyard.core.batching import Batcher, Clock
 from modelyard.core.breaker import CircuitState
@@ -43,6 +45,9 @@ from modelyard.core.types import (
     StreamChunk,
     Task,
 )
+
+if TYPE_CHECKING:
+    from modelyard.cache.layer import CacheLayer
 
 __all__ = ["InferenceService"]
 
@@ -82,6 +87,7 @@ class InferenceService:
         self.started_at = 0.0
         self.started_wall = time.time()
         self.draining = False
+        self.cache: CacheLayer | None = None
 
     @staticmethod
     def default_cache_dir(settings: Settings) -> Path:
@@ -99,6 +105,7 @@ class InferenceService:
     async def start(self) -> None:
         """Announce startup and begin loading every configured version in the background."""
         self.started_at = self._clock()
+        self.cache = await self._open_cache()
         self.plugins.server_startup(self)
         for spec in self.specs:
             version = ModelVersion(spec, self._state_changed, clock=self._clock)
@@ -123,6 +130,20 @@ class InferenceService:
         for entry in list(self.registry):
             for version in list(entry.versions.values()):
                 await self._release(version)
+        if self.cache is not None:
+            await self.cache.close()
+
+    async def _open_cache(self) -> CacheLayer | None:
+        if not self.settings.cache.enabled:
+            return None
+        try:
+            from modelyard.cache.factory import build_cache_layer
+        except ImportError as exc:
+            raise ConfigError(f"$.cache: install modelyard[cache] ({exc.name} is missing)") from None
+        return await asyncio.to_thread(
+            build_cache_layer, self.settings.cache, self.plugins.cache_tiers,
+            server_cache_dir=self.cache_dir,
+        )
 
     async def _load_configured(self) -> None:
         # One at a time: loads compete for the same cores and memory anyway, and a
@@ -181,6 +202,11 @@ class InferenceService:
 
         progress("resolving source", 0.0)
         path = await asyncio.to_thread(self._resolve_source, spec.source, self.cache_dir, progress)
+        if self.cache is not None:
+            from modelyard.cache.keys import weights_digest
+
+            progress("hashing weights", 10.0)
+            version.weights_digest = await asyncio.to_thread(weights_digest, path)
         task = spec.task or spec.backend.detect_task(path, spec.options)
         if task is None:
             raise ModelLoadError(
@@ -426,23 +452,39 @@ class InferenceService:
         return self.registry.get(last.model, last.version)
 
     async def infer(
-        self, model: str, request: InferenceRequest, *, version: str | None = None
+        self, model: str, request: InferenceRequest, *, version: str | None = None,
+        cache: CacheDirective | None = None,
     ) -> tuple[ModelVersion, InferenceResult]:
         """Run one request (a model's, or an alias's through its failover chain)."""
         chain = self._alias(model, version)
         if chain is None:
-            return await self._infer_one(model, request, version)
+            return await self._infer_one(model, request, version, cache)
         answer = await chain.run(
-            lambda t: self._infer_one(t.model, request, t.version),
+            lambda t: self._infer_one(t.model, request, t.version, cache),
             availability=lambda t: self._target_availability(t, request.task),
         )
         return answer.value
 
     async def _infer_one(
-        self, model: str, request: InferenceRequest, version: str | None
+        self, model: str, request: InferenceRequest, version: str | None,
+        directive: CacheDirective | None = None,
     ) -> tuple[ModelVersion, InferenceResult]:
-        """Through the version's breaker and batcher; 504 past the request timeout."""
+        """Through the cache, then the version's breaker and batcher; 504 past the timeout."""
         found = self._serving(model, request.task, version)
+        key = self._cache_key(found, request, directive)
+        if self.cache is None or directive is None or key is None:
+            return await self._guarded(found, model, request)
+
+        async def run() -> InferenceResult:
+            return (await self._guarded(found, model, request))[1]
+
+        result, outcome = await self.cache.lookup_or_run(key, run, refresh=directive.refresh)
+        directive.status = "BYPASS" if directive.refresh else outcome.upper()
+        return found, result
+
+    async def _guarded(
+        self, found: ModelVersion, model: str, request: InferenceRequest
+    ) -> tuple[ModelVersion, InferenceResult]:
         assert found.batcher is not None
         try:
             with found.breaker.acquire():  # 503 + Retry-After while open; records the outcome
@@ -472,26 +514,44 @@ class InferenceService:
         return found, result
 
     async def stream(
-        self, model: str, request: InferenceRequest, *, version: str | None = None
+        self, model: str, request: InferenceRequest, *, version: str | None = None,
+        cache: CacheDirective | None = None,
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         """Start a streamed generation; the first chunk is awaited so errors surface before 200."""
         chain = self._alias(model, version)
         if chain is None:
-            return await self._stream_one(model, request, version)
+            return await self._stream_one(model, request, version, cache)
         answer = await chain.run(
-            lambda t: self._stream_one(t.model, request, t.version),
+            lambda t: self._stream_one(t.model, request, t.version, cache),
             availability=lambda t: self._target_availability(t, request.task),
         )
         return answer.value
 
     async def _stream_one(
-        self, model: str, request: InferenceRequest, version: str | None
+        self, model: str, request: InferenceRequest, version: str | None,
+        directive: CacheDirective | None = None,
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         found = self._serving(model, request.task, version)
         backend = found.backend
         assert backend is not None
         if not backend.supports_streaming:
             raise UnsupportedTaskError(f"model {model!r} does not stream")
+        key = self._cache_key(found, request, directive)
+        if self.cache is not None and directive is not None and key is not None:
+
+            async def start() -> AsyncIterator[StreamChunk]:
+                return await self._start_stream(found, model, request)
+
+            chunks, outcome = await self.cache.stream_through(key, start, refresh=directive.refresh)
+            directive.status = "BYPASS" if directive.refresh else outcome.upper()
+            return found, chunks
+        return found, await self._start_stream(found, model, request)
+
+    async def _start_stream(
+        self, found: ModelVersion, model: str, request: InferenceRequest
+    ) -> AsyncIterator[StreamChunk]:
+        backend = found.backend
+        assert backend is not None
         # The breaker hears about the start only: for a stream, "slow" is time to first token.
         with found.breaker.acquire():
             chunks = aiter(backend.stream(request))
@@ -504,7 +564,20 @@ class InferenceService:
             except Exception as exc:  # noqa: BLE001
                 log.exception("stream from %s failed to start", model)
                 raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
-        return found, _prepend(first, chunks)
+        return _prepend(first, chunks)
+
+    def _cache_key(
+        self, found: ModelVersion, request: InferenceRequest, directive: CacheDirective | None
+    ) -> bytes | None:
+        """The key for the version that will serve; None when the cache must not be used."""
+        if self.cache is None or directive is None:
+            return None
+        cls = found.spec.backend
+        return self.cache.key_for(
+            request, model=found.name, version=found.version,
+            weights_digest=found.weights_digest, backend=cls.name,
+            backend_version=f"{__version__}/{cls.__module__}", tenant=directive.tenant,
+        )
 
     # -- canary --------------------------------------------------------------------------
 

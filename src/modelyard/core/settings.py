@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct, field
 
+from modelyard.cache.config import CacheSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
 from modelyard.core.errors import ConfigError
@@ -100,6 +101,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: str | None = None
     models: list[ModelSettings] = field(default_factory=list)
     aliases: list[AliasSettings] = field(default_factory=list)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
