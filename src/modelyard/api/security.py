@@ -84,8 +84,10 @@ class Policy(msgspec.Struct, frozen=True):
     """What a route needs: a permission, where its model name is, and its audit action."""
 
     permission: Permission
-    #: ``path``: the ``{name}`` parameter; ``body``: the JSON body's ``model`` member.
-    model: Literal["path", "body"] | None = None
+    #: ``path``: the ``{name}`` parameter; ``body``: the JSON body's ``model`` member;
+    #: ``query``: the ``model`` query parameter (absent: every model, so scoped callers
+    #: are refused).
+    model: Literal["path", "body", "query"] | None = None
     #: Audit action name; routes with one are audited with their outcome.
     action: str = ""
 
@@ -125,7 +127,8 @@ POLICIES: Mapping[str, Policy] = {
     "POST /admin/models/{name}/canary": Policy(_O, "path", "canary.start"),
     "POST /admin/models/{name}/canary/promote": Policy(_O, "path", "canary.promote"),
     "DELETE /admin/models/{name}/canary": Policy(_O, "path", "canary.stop"),
-    "POST /admin/cache/purge": Policy(_O, None, "cache.purge"),
+    "GET /admin/cache": Policy(_I),
+    "DELETE /admin/cache": Policy(_O, "query", "cache.purge"),
     "GET /metrics": Policy(_I),
 }
 #: Path prefixes open to everyone: the OpenAPI schema and its viewers.
@@ -148,7 +151,8 @@ def model_allowed(principal: Principal, model: str) -> bool:
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
-    """The principal the guard authenticated for this request (None on public routes)."""
+    """The principal the guard authenticated for this request (None on public routes); also
+    ``request.user`` and ``request.state.principal``."""
     state = connection.scope.get("state") or {}
     found = state.get(_PRINCIPAL)
     return found if isinstance(found, Principal) else None
@@ -263,6 +267,8 @@ class Security:
         principal = await self._authenticate(connection, client, target, context)
         context.principal = principal.id
         scope["state"][_PRINCIPAL] = principal
+        # Litestar's ``request.user``; the response cache keys by its ``tenant``.
+        scope["user"] = principal
         self._charge(principal, client, context)
         self._authorize(principal, policy, client, target)
         await self._check_model(connection, principal, policy, client, target)
@@ -359,6 +365,8 @@ class Security:
             return
         if policy.model == "path":
             model = str(connection.path_params.get("name", ""))
+        elif policy.model == "query":
+            model = str(connection.query_params.get("model", ""))
         else:
             model = await _body_model(connection)
         if model_allowed(principal, model):
