@@ -20,7 +20,7 @@ collect_ignore_glob = (
     else []
 )
 
-from gguf_testing import MakeGGUF, write_tiny_llama  # noqa: E402 - after the skip decision
+from gguf_testing import MakeGGUF, write_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -117,10 +117,14 @@ def load_context(path: Path, task: Task | None, **options: Any) -> LoadContext:
 
 @contextlib.asynccontextmanager
 async def loaded(path: Path, task: Task | None = Task.COMPLETION, **options: Any) -> AsyncIterator[Any]:
-    """A loaded ``GGUFBackend`` (two threads unless told otherwise), unloaded afterwards."""
+    """A loaded ``GGUFBackend``, unloaded afterwards.
+
+    One thread unless told otherwise: the suite shares two cores with other work, and a
+    multi-threaded decode waits at every op for its slowest, possibly descheduled, thread.
+    """
     from modelyard.backends.llamacpp.backend import GGUFBackend
 
-    options.setdefault("n_threads", 2)
+    options.setdefault("n_threads", 1)
     options.setdefault("n_ctx", 256)
     backend = GGUFBackend(load_context(path, task, **options))
     await backend.load()

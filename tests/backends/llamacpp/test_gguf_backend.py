@@ -86,7 +86,7 @@ async def test_greedy_completion_equals_llama_cpp_python(tiny_gguf: Path) -> Non
 
     async with loaded(tiny_gguf, flash_attn="off") as backend:
         ours = [(await complete(backend, p)).text for p in PROMPTS[:3]]
-    llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=256, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     theirs = []
     for prompt in PROMPTS[:3]:
         llm.reset()  # no KV prefix reuse: a different batch split changes the numerics
@@ -225,7 +225,7 @@ async def test_embeddings_are_pooled_unit_vectors(make_gguf: MakeGGUF) -> None:
     assert isinstance(result, EmbeddingResult)
     assert [len(v) for v in result.embeddings] == [64, 64, 64]
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-5) for v in result.embeddings)
-    llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=256, verbose=False)
+    llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     reference = llm.embed(list(texts), normalize=True)
     for ours, theirs in zip(result.embeddings, reference, strict=True):
         assert sum(a * b for a, b in zip(ours, theirs, strict=True)) > 0.999

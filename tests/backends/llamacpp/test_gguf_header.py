@@ -6,11 +6,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from gguf_testing import CHATML, MakeGGUF
 
 from modelyard.backends.llamacpp.header import read_header
 from modelyard.core.errors import ModelLoadError
-
-from gguf_testing import CHATML, MakeGGUF
 
 
 def test_reads_architecture_context_quantisation_template_and_special_tokens(tiny_gguf: Path) -> None:

@@ -92,8 +92,10 @@ def test_the_cycler_joiner_and_lipsum_globals_are_gone(attack: str) -> None:
     "bomb",
     [
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-        "{% for m in messages %}{% for c in 'x' * 3000 %}{% for d in 'y' * 3000 %}"
-        "{% endfor %}{% endfor %}{% endfor %}",
+        (
+            "{% for m in messages %}{% for c in 'x' * 3000 %}{% for d in 'y' * 3000 %}"
+            "{% endfor %}{% endfor %}{% endfor %}"
+        ),
         "{% macro f(n) %}{% for i in range(1000) %}{{ f(n) }}{% endfor %}{% endmacro %}{{ f(1) }}",
     ],
 )
@@ -113,10 +115,14 @@ def test_a_template_that_loops_forever_is_stopped_at_its_deadline(bomb: str) -> 
         "{{ '{:>999999999}'.format(1) }}",
         "{{ '%999999999s' | format(1) }}",
         "{{ 'abc' | replace('', 'x' * 100000) | replace('x', 'y' * 100000) }}",
-        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
-        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
-        "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+        ),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}"
+        ),
         "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
     ],
 )

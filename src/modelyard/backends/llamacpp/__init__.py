@@ -27,6 +27,6 @@ def register_backends(register: Callable[[type], None]) -> None:
         raise PluginUnavailable(
             f"missing {', '.join(missing)}: pip install 'modelyard[gguf]'"
         )
-    from modelyard.backends.llamacpp.backend import GGUFBackend  # noqa: PLC0415 - needs jinja2
+    from modelyard.backends.llamacpp.backend import GGUFBackend
 
     register(GGUFBackend)

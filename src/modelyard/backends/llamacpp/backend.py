@@ -26,6 +26,7 @@ from modelyard.core.errors import (
     ModelyardError,
     UnsupportedTaskError,
 )
+from modelyard.core.types import ChatMessage as _ChatMessage
 from modelyard.core.types import (
     ChatRequest,
     CompletionRequest,
@@ -39,7 +40,6 @@ from modelyard.core.types import (
     Task,
     TensorSpec,
 )
-from modelyard.core.types import ChatMessage as _ChatMessage
 
 __all__ = ["GGUFBackend"]
 
@@ -170,7 +170,7 @@ class GGUFBackend(Backend):
 
     async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
         results = await asyncio.gather(*(self._answer(r) for r in batch), return_exceptions=True)
-        return [_as_result(r) for r in results]  # type: ignore[misc]
+        return [_as_result(r) for r in results]
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamChunk]:
         generation = await self._start(request)
@@ -276,6 +276,6 @@ def _as_result(value: InferenceResult | BaseException) -> Any:
 
 
 def _llama_cpp_version() -> str:
-    import llama_cpp  # noqa: PLC0415 - loaded by now; imported lazily like every runtime use
+    import llama_cpp
 
     return str(getattr(llama_cpp, "__version__", "unknown"))

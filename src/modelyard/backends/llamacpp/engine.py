@@ -74,7 +74,7 @@ class StopMatcher:
 class _Job:
     """One generation request as the engine thread sees it."""
 
-    __slots__ = ("prompt", "params", "max_tokens", "deliver")
+    __slots__ = ("deliver", "max_tokens", "params", "prompt")
 
     def __init__(
         self, prompt: list[int], params: GenerationParams, max_tokens: int, deliver: Deliver
@@ -86,7 +86,7 @@ class _Job:
 
 
 class _EmbedJob:
-    __slots__ = ("inputs", "deliver")
+    __slots__ = ("deliver", "inputs")
 
     def __init__(self, inputs: list[list[int]], deliver: Callable[[Any], None]) -> None:
         self.inputs = inputs
@@ -96,7 +96,7 @@ class _EmbedJob:
 class _Sequence:
     """A job holding a slot: its KV cells live under ``seq_id`` until it is released."""
 
-    __slots__ = ("job", "seq_id", "sampler", "fed", "last_token", "generated", "decoder", "stops")
+    __slots__ = ("decoder", "fed", "generated", "job", "last_token", "sampler", "seq_id", "stops")
 
     def __init__(self, job: _Job, seq_id: int, sampler: Any) -> None:
         self.job = job
@@ -196,7 +196,7 @@ class _Scheduler:
             job = self.waiting.popleft()
             try:
                 sampler = self.rt.new_sampler(job.params)
-            except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
+            except Exception as exc:
                 log.exception("creating a sampler failed")
                 error = BackendError(f"sampler setup failed: {type(exc).__name__}: {exc}")
                 self.outbox.append((job.deliver, error))
@@ -217,7 +217,7 @@ class _Scheduler:
     def _step_safely(self) -> None:
         try:
             self._step()
-        except Exception as exc:  # noqa: BLE001 - fail the requests, keep the engine alive
+        except Exception as exc:
             log.exception("llama.cpp engine step failed")
             for seq in list(self.active.values()):
                 self._fail(seq, BackendError(f"generation failed: {type(exc).__name__}: {exc}"))
@@ -318,7 +318,7 @@ class _Scheduler:
     def _embed(self, job: _EmbedJob) -> None:
         try:
             result: Any = self._embed_all(job.inputs)
-        except Exception as exc:  # noqa: BLE001 - the caller hears about it
+        except Exception as exc:
             log.exception("embedding failed")
             result = BackendError(f"embedding failed: {type(exc).__name__}: {exc}")
         try:
@@ -389,28 +389,18 @@ class Generation:
         self.done = False
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
-        """Text as it is generated (merged when the reader lags); the last has finish_reason."""
+        """Text token by token as it is generated; the last chunk has finish_reason."""
         try:
             while True:
                 event = await self._queue.get()
-                text = []
-                while True:
-                    if isinstance(event, Exception):
-                        self._settle()
-                        raise event
-                    text.append(event.text)
-                    if event.finish_reason is not None or self._queue.empty():
-                        break
-                    event = self._queue.get_nowait()
+                if isinstance(event, Exception):
+                    self._settle()
+                    raise event
                 if event.finish_reason is not None:
                     self._settle()
-                    yield StreamChunk(
-                        text="".join(text), finish_reason=event.finish_reason,
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                    )
+                    yield event
                     return
-                yield StreamChunk(text="".join(text))
+                yield event
         finally:
             self.close()
 

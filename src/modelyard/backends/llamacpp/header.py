@@ -173,7 +173,7 @@ def _read_tensor_table(
     cur: _Cursor, count: int, metadata: dict[str, Any]
 ) -> tuple[Counter[int], int]:
     """Tensor types by count, and the byte where the last tensor's data ends."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: PLC0415 - optional extra
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     types: Counter[int] = Counter()
     extent = 0
@@ -237,7 +237,7 @@ def _header(
 
 
 def _quantization(metadata: dict[str, Any], tensor_types: Counter[int]) -> str:
-    from gguf import GGMLQuantizationType, LlamaFileType  # noqa: PLC0415 - optional extra
+    from gguf import GGMLQuantizationType, LlamaFileType
 
     file_type = metadata.get("general.file_type")
     if isinstance(file_type, int):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ BatchEntry = tuple[int, int, int, bool]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _POOLING = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
+_POOLING_RANK = 4
 # ggml_backend_dev_type
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 # ggml_log_level: 1 debug, 2 info (chatty load reports: debug here), 3 warn, 4 error, 5 "continue"
@@ -38,7 +37,7 @@ _LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: loggin
 
 
 def _bindings() -> Any:
-    import llama_cpp  # noqa: PLC0415 - the runtime is optional and heavy to import
+    import llama_cpp
 
     return llama_cpp
 
@@ -48,7 +47,7 @@ def _route_llama_logs(lib: Any) -> None:
     if getattr(_route_llama_logs, "callback", None) is not None:
         return
 
-    @lib.llama_log_callback  # type: ignore[misc]
+    @lib.llama_log_callback  # type: ignore[untyped-decorator]
     def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         python_level = _LOG_LEVELS.get(level, logging.DEBUG)
         if llama_log.isEnabledFor(python_level):
@@ -62,7 +61,7 @@ def _route_llama_logs(lib: Any) -> None:
 def describe_devices() -> list[dict[str, str]]:
     """The ggml backend devices this llama.cpp build can use (CPU, CUDA0, Metal...)."""
     try:
-        from llama_cpp import _ggml  # noqa: PLC0415
+        from llama_cpp import _ggml
 
         lib = _ggml.libggml
         count = ctypes.CFUNCTYPE(ctypes.c_size_t)(("ggml_backend_dev_count", lib))
@@ -310,7 +309,7 @@ class LlamaRuntime:
         if not pointer:
             raise RuntimeError("llama.cpp returned no embedding")
         size = self.n_embd
-        if lib.llama_pooling_type(self.ctx) == _POOLING["last"] + 1:  # rank: class scores
+        if lib.llama_pooling_type(self.ctx) == _POOLING_RANK:  # rerankers: class scores
             size = max(1, int(lib.llama_model_n_cls_out(self.model)))
         return [float(x) for x in pointer[:size]]
 
@@ -323,8 +322,8 @@ class LlamaRuntime:
         accelerators = [d for d in describe_devices() if d["type"] in ("gpu", "igpu", "accel")]
         if not accelerators:
             return "CPU"
-        names = ", ".join(f"{d['name']} ({d['description']})" for d in accelerators)
-        return f"{names} via {'Metal' if sys.platform == 'darwin' else 'ggml GPU backend'}"
+        # ggml names them CUDA0, Metal, Vulkan0, ...; the description is the card.
+        return ", ".join(f"{d['name']} ({d['description']})" for d in accelerators)
 
     def offloaded_layers(self) -> int:
         if self.device() == "CPU":
@@ -341,4 +340,4 @@ def _set_if_present(params: Any, field: str, value: Any) -> None:
 def _n_ctx_seq(lib: Any, ctx: Any, slots: int) -> int:
     if hasattr(lib, "llama_n_ctx_seq"):
         return int(lib.llama_n_ctx_seq(ctx))
-    return math.floor(lib.llama_n_ctx(ctx) / slots)
+    return int(lib.llama_n_ctx(ctx)) // slots

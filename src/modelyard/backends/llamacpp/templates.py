@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
@@ -108,9 +108,9 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     # -- hooks the sandbox calls ---------------------------------------------------------
 
-    def call(self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         self.budget.tick()
-        return super().call(__context, __obj, *args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         self.budget.tick()
@@ -133,9 +133,11 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(times, int):
                     budget.size(len(seq) * times)
-        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > _MAX_EXPONENT_BITS:
-                raise TemplateLimitError("chat template computes a number too large")
+        elif (
+            operator == "**" and isinstance(left, int) and isinstance(right, int)
+            and right > 0 and right * abs(left).bit_length() > _MAX_EXPONENT_BITS
+        ):
+            raise TemplateLimitError("chat template computes a number too large")
         result = super().call_binop(context, operator, left, right)
         if operator == "+" and isinstance(result, str | list | tuple):
             budget.size(len(result))
@@ -220,8 +222,8 @@ class _InsertBudgetChecks(NodeTransformer):
         return _budget_call("__budget_text", node)
 
 
-def _budget_call(name: str, arg: nodes.Expr) -> nodes.Call:
-    call = nodes.Call(nodes.Name(name, "load"), [arg], [], None, None)
+def _budget_call(name: str, arg: nodes.Node) -> nodes.Call:
+    call = nodes.Call(nodes.Name(name, "load"), [cast(nodes.Expr, arg)], [], None, None)
     call.set_lineno(arg.lineno or 1)
     return call
 
