@@ -47,6 +47,7 @@ __all__ = [
     "Permission",
     "Policy",
     "Security",
+    "check_bind",
     "is_loopback",
     "model_allowed",
     "policy_for",
@@ -178,6 +179,17 @@ def is_loopback(host: str) -> bool:
         return False  # another host name: it may resolve to anything
 
 
+def check_bind(settings: AuthSettings, host: str) -> None:
+    """ConfigError when ``settings`` leave auth off and ``host`` is not loopback (unless forced)."""
+    if settings.enabled or is_loopback(host) or settings.allow_unauthenticated_non_loopback:
+        return
+    raise ConfigError(
+        f"$.server.host: refusing to serve {host!r} without authentication; configure "
+        "[[auth.providers]], bind 127.0.0.1, or set [auth] "
+        "allow_unauthenticated_non_loopback = true"
+    )
+
+
 class _Context(msgspec.Struct):
     """What the guard leaves for the middleware: RateLimit fields and the audit record."""
 
@@ -238,13 +250,8 @@ class Security:
 
     def check_bind(self, host: str) -> None:
         """Refuse to serve without auth on anything but loopback, unless forced in config."""
-        if self.enabled or is_loopback(host) or self.settings.allow_unauthenticated_non_loopback:
-            return
-        raise ConfigError(
-            f"$.server.host: refusing to serve {host!r} without authentication; configure "
-            "[[auth.providers]], bind 127.0.0.1, or set [auth] "
-            "allow_unauthenticated_non_loopback = true"
-        )
+        if not self.enabled:
+            check_bind(self.settings, host)
 
     # -- the guard -----------------------------------------------------------------------
 
