@@ -312,6 +312,12 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument(
+        "--order",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8, 32],
+        help="order of the served concurrency rows (must hold 1, 8 and 32)",
+    )
+    parser.add_argument(
         "--options",
         type=json.loads,
         default={},
@@ -342,7 +348,7 @@ def main() -> None:
         try:
             asyncio.run(wait_ready(port, proc))
             served_rows = {}
-            for c in (1, 8, 32):
+            for c in args.order:
                 cpu0 = server_cpu_s(proc.pid)
                 row = asyncio.run(served(port, texts, c, args.seconds))
                 row["server_cpu"] = server_cpu_s(proc.pid) - cpu0
