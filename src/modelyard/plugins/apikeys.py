@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -104,8 +105,9 @@ class InvalidKey(Exception):
 
 
 class KeyStore:
-    """The key database. Each call opens its own connection: safe from any thread or process,
-    and a revocation by the CLI applies to a running server's next request."""
+    """The key database. Checks share one autocommit connection (each read sees the latest
+    commit, so a revocation by the CLI applies to a running server's next request); changes
+    open their own."""
 
     def __init__(self, path: Path, secret: bytes, *, clock: Callable[[], float] = time.time) -> None:
         if len(secret) < 32:
@@ -116,6 +118,9 @@ class KeyStore:
         _create_private(path)
         with self._connect() as db:
             db.execute(_SCHEMA)
+        # Opening a connection costs more than the lookup itself; checks run in worker threads.
+        self._reader = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        self._reader_lock = threading.Lock()
 
     @classmethod
     def open(cls, options: ApiKeyOptions, *, clock: Callable[[], float] = time.time) -> KeyStore:
@@ -203,8 +208,8 @@ class KeyStore:
         if match is None:
             raise InvalidKey("is malformed")
         key_id, secret = match["id"], match["secret"]
-        with self._connect() as db:
-            row = db.execute(
+        with self._reader_lock:
+            row = self._reader.execute(
                 f"SELECT {_COLUMNS}, digest FROM api_keys WHERE id = ?", (key_id,)
             ).fetchone()
         expected = row[-1] if row is not None else b"\0" * 32
