@@ -45,9 +45,12 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        refill_wait_s: float = 0.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self._backend = backend
+        self.refill_wait_s = refill_wait_s
+        self._last_batch = 0
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -98,15 +101,32 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             await self._wait_for_company()
+            await self._wait_for_refill()
             batch = self._take_batch()
             if batch:
+                self._last_batch = len(batch)
                 await self._execute(batch)
 
     async def _wait_for_company(self) -> None:
         if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
             return
-        deadline = self._queue[0].enqueued_at + self.max_queue_delay_s
-        while len(self._queue) < self.max_batch_size:
+        await self._wait_for_depth(self.max_batch_size, self._queue[0].enqueued_at + self.max_queue_delay_s)
+
+    async def _wait_for_refill(self) -> None:
+        """After a batch of k, briefly wait for k requests before running fewer.
+
+        Under steady load the callers of the last batch send their next requests a moment
+        after their answers leave; starting at once would split them into a small batch and a
+        large one. An idle model pays nothing: this only waits while some requests are queued.
+        """
+        target = min(self._last_batch, self.max_batch_size)
+        if self.refill_wait_s <= 0 or not self._queue or len(self._queue) >= target:
+            return
+        await self._wait_for_depth(target, self._clock() + self.refill_wait_s)
+
+    async def _wait_for_depth(self, depth: int, deadline: float) -> None:
+        """Wait until ``depth`` requests queue or the clock passes ``deadline``."""
+        while len(self._queue) < depth:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return

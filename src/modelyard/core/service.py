@@ -185,6 +185,7 @@ class InferenceService:
             max_batch_size=size,
             max_queue_delay_s=spec.batching.max_queue_delay_ms / 1000.0,
             max_queue_size=spec.batching.max_queue_size,
+            refill_wait_s=spec.batching.refill_wait_ms / 1000.0,
             clock=self._clock,
         )
         version.batcher.start()

@@ -65,6 +65,9 @@ class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     #: Longest a lone request waits for company; 0 runs it at once (batches still form
     #: from whatever queues while the backend is busy).
     max_queue_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    #: After a batch of k, wait up to this long for k queued requests before running fewer
+    #: (keeps batches whole under steady load; an idle model never waits).
+    refill_wait_ms: Annotated[float, Meta(ge=0, le=1_000)] = 2.0
     #: Requests waiting beyond this are refused with 503 + Retry-After.
     max_queue_size: Annotated[int, Meta(ge=1)] = 1024
     #: Per-request deadline for this model (queue wait included); default server.request_timeout_s.
