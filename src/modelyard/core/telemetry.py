@@ -28,6 +28,7 @@ from modelyard.core.tracing import (
 )
 from modelyard.core.types import (
     ChatRequest,
+    ClassificationRequest,
     CompletionRequest,
     EmbeddingRequest,
     InferenceRequest,
@@ -215,10 +216,8 @@ def prompt_text(request: InferenceRequest) -> str | None:
         text = "\n".join(f"{m.role}: {m.content}" for m in request.messages)
     elif isinstance(request, CompletionRequest):
         text = request.prompt
-    elif isinstance(request, EmbeddingRequest):
+    elif isinstance(request, EmbeddingRequest | ClassificationRequest):
         text = "\n".join(request.inputs)
-    elif hasattr(request, "inputs") and all(isinstance(x, str) for x in request.inputs):
-        text = "\n".join(request.inputs)  # classification
     else:
         return None
     return text if len(text) <= PROMPT_LOG_CHARS else text[:PROMPT_LOG_CHARS] + "…"
