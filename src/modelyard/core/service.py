@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import platformdirs
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from modelyard.cache.layer import CacheLayer
 
 __all__ = ["InferenceService"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -457,12 +459,22 @@ class InferenceService:
         cache: CacheDirective | None = None,
     ) -> tuple[ModelVersion, InferenceResult]:
         """Run one request (a model's, or an alias's through its failover chain)."""
+        return await self._route(
+            model, version, request.task,
+            lambda name, label: self._infer_one(name, request, label, cache),
+        )
+
+    async def _route(
+        self, model: str, version: str | None, task: Task,
+        call: Callable[[str, str | None], Awaitable[_T]],
+    ) -> _T:
+        """Call ``call`` for a model directly, or along an alias's failover chain."""
         chain = self._alias(model, version)
         if chain is None:
-            return await self._infer_one(model, request, version, cache)
+            return await call(model, version)
         answer = await chain.run(
-            lambda t: self._infer_one(t.model, request, t.version, cache),
-            availability=lambda t: self._target_availability(t, request.task),
+            lambda t: call(t.model, t.version),
+            availability=lambda t: self._target_availability(t, task),
         )
         return answer.value
 
@@ -519,14 +531,10 @@ class InferenceService:
         cache: CacheDirective | None = None,
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         """Start a streamed generation; the first chunk is awaited so errors surface before 200."""
-        chain = self._alias(model, version)
-        if chain is None:
-            return await self._stream_one(model, request, version, cache)
-        answer = await chain.run(
-            lambda t: self._stream_one(t.model, request, t.version, cache),
-            availability=lambda t: self._target_availability(t, request.task),
+        return await self._route(
+            model, version, request.task,
+            lambda name, label: self._stream_one(name, request, label, cache),
         )
-        return answer.value
 
     async def _stream_one(
         self, model: str, request: InferenceRequest, version: str | None,
