@@ -18,6 +18,7 @@ from modelyard import __version__
 from modelyard.core.errors import ConfigError, ModelyardError
 from modelyard.core.plugins import PluginHost
 from modelyard.core.settings import Settings, load_settings, resolve_models
+from modelyard.plugins.keys_cli import keys_cmd
 
 __all__ = ["main"]
 
@@ -65,6 +66,7 @@ def cli() -> None:
 def serve(config: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
     from modelyard.api.app import create_app  # noqa: PLC0415
+    from modelyard.api.security import check_bind  # noqa: PLC0415
     from modelyard.api.server import serve as run_server  # noqa: PLC0415
     from modelyard.core.service import InferenceService  # noqa: PLC0415
 
@@ -80,13 +82,20 @@ def serve(config: str | None, host: str | None, port: int | None, log_level: str
         log_level=log_level or settings.server.log_level,
     )
     settings = msgspec.structs.replace(settings, server=server)
+    try:  # before any demo download: auth off on a non-loopback address is refused
+        check_bind(settings.auth, server.host)
+    except ModelyardError as exc:
+        _fail(exc.detail)
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if is_demo:
         prepare_demo_models(settings)
     service = InferenceService(settings, plugins)
-    app = create_app(settings, plugins=plugins, service=service)
+    try:
+        app = create_app(settings, plugins=plugins, service=service)
+    except ModelyardError as exc:  # an unknown auth provider, a JWT key file missing, ...
+        _fail(exc.detail)
     console.print(f"modelyard {__version__} on http://{server.host}:{server.port}", highlight=False)
     run_server(app, service, server)
 
@@ -223,6 +232,9 @@ def demo_prepare() -> None:
     host = _plugins()
     settings, _ = _settings(None, host)
     prepare_demo_models(settings)
+
+
+cli.add_command(keys_cmd)
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 
+from modelyard.api.security import visible
 from modelyard.core.errors import ConflictError
 from modelyard.core.service import InferenceService
 from modelyard.core.types import Task
@@ -40,10 +41,13 @@ class AdminController(Controller):
     tags = ["Administration"]
 
     @get("/models")
-    async def models(self, service: InferenceService) -> dict[str, Any]:
-        """Every model with its versions, states, load progress and runtime parameters."""
+    async def models(
+        self, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """Every model (the caller may see) with its versions, states, progress and parameters."""
         return {
-            "models": service.describe(), "aliases": service.describe_aliases(),
+            "models": [m for m in service.describe() if visible(request, m["name"])],
+            "aliases": [a for a in service.describe_aliases() if visible(request, a["name"])],
             "ready": service.ready(),
         }
 

@@ -17,6 +17,7 @@ from modelyard.api.admin import AdminController
 from modelyard.api.disconnect import CancelOnDisconnect
 from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
+from modelyard.api.security import BodyLimits, Security, provide_principal
 from modelyard.api.v2 import V2Controller
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
@@ -54,10 +55,16 @@ def create_app(
     *,
     plugins: PluginHost | None = None,
     service: InferenceService | None = None,
+    security: Security | None = None,
 ) -> Litestar:
-    """Build the Litestar app; models load in its lifespan, in the background."""
+    """Build the Litestar app; models load in its lifespan, in the background.
+
+    ConfigError when auth is off on a non-loopback address (see ``Security.check_bind``).
+    """
     host = plugins if plugins is not None else load_plugins()
     core = service if service is not None else InferenceService(settings, host)
+    guard = security if security is not None else Security.from_settings(settings.auth, host)
+    guard.check_bind(settings.server.host)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -70,15 +77,22 @@ def create_app(
     def provide_service() -> InferenceService:
         return core
 
-    app_state: dict[str, Any] = {"service": core}
+    app_state: dict[str, Any] = {"service": core, "security": guard}
     return Litestar(
         route_handlers=[OpenAIController, V2Controller, AdminController],
-        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+        dependencies={
+            "service": Provide(provide_service, sync_to_thread=False),
+            "principal": Provide(provide_principal, sync_to_thread=False),
+        },
+        guards=[guard.guard],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=_openapi(),
         lifespan=[lifespan],
-        middleware=[CancelOnDisconnect],
+        middleware=[
+            CancelOnDisconnect, guard.middleware,
+            BodyLimits.factory(settings.limits.body_timeout_s),
+        ],
         state=State(app_state),
         debug=False,
     )

@@ -14,6 +14,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
+from modelyard.api.security import visible
 from modelyard.api.wire import cache_directive, cache_headers, model_headers
 from modelyard.cache.config import CacheDirective
 from modelyard.core.errors import BadRequestError, ModelyardError
@@ -226,12 +227,14 @@ class OpenAIController(Controller):
     tags = ["OpenAI"]
 
     @get("/models")
-    async def list_models(self, service: InferenceService) -> dict[str, Any]:
-        """Models that can answer now (their active version serving)."""
+    async def list_models(
+        self, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """Models that can answer now (their active version serving) and the caller may use."""
         data = []
         for entry in service.registry:
             active = entry.active
-            if active is None or not active.serving:
+            if active is None or not active.serving or not visible(request, entry.name):
                 continue
             data.append({
                 "id": entry.name, "object": "model", "created": int(service.started_wall),

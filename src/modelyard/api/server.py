@@ -33,8 +33,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: Litestar, service: InferenceService, server: ServerSettings) -> None:
+    limits = service.settings.limits
     config = uvicorn.Config(
         app, host=server.host, port=server.port, log_level=server.log_level,
+        # Slow clients (docs/security.md): idle keep-alive connections close, header bytes
+        # are bounded, connections past the limit get 503; stalled bodies get 408 in the app.
+        # h11 by default: httptools enforces no header size (2 MB accepted in a test).
+        http=limits.http_parser,
+        timeout_keep_alive=limits.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        limit_concurrency=limits.max_connections,
         timeout_graceful_shutdown=max(1, round(server.shutdown_grace_s)), access_log=False,
         lifespan="on",
     )

@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 
 from modelyard import __version__
+from modelyard.api.security import visible
 from modelyard.api.tensors import (
     decode_binary_tensor,
     encode_binary_tensor,
@@ -313,12 +314,16 @@ class V2Controller(Controller):
         return response
 
     @post("/repository/index", status_code=200)
-    async def repository_index(self, service: InferenceService) -> list[dict[str, Any]]:
-        return _index(service)
+    async def repository_index(
+        self, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> list[dict[str, Any]]:
+        return _index(service, request)
 
     @get("/repository/index", name="repository_index_get")
-    async def repository_index_get(self, service: InferenceService) -> list[dict[str, Any]]:
-        return _index(service)
+    async def repository_index_get(
+        self, service: InferenceService, request: Request[Any, Any, Any]
+    ) -> list[dict[str, Any]]:
+        return _index(service, request)
 
     @post("/repository/models/{name:str}/load", status_code=200)
     async def load(self, name: str, service: InferenceService) -> dict[str, Any]:
@@ -338,9 +343,11 @@ def _first(entry: ModelEntry) -> ModelVersion:
     return next(iter(entry.versions.values()))
 
 
-def _index(service: InferenceService) -> list[dict[str, Any]]:
+def _index(service: InferenceService, request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
     rows = []
     for entry in service.registry:
+        if not visible(request, entry.name):
+            continue  # a model outside the caller's scopes is not listed
         for version in entry.versions.values():
             state, reason = _index_state(version)
             rows.append({"name": entry.name, "version": version.version, "state": state,

@@ -35,6 +35,7 @@ from modelyard.core.failover import (
     breaker_availability,
     build_chains,
 )
+from modelyard.core.limits import apply_limits
 from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
 from modelyard.core.settings import ModelSpec, Settings, decode_settings, resolve_models
@@ -484,6 +485,7 @@ class InferenceService:
     ) -> tuple[ModelVersion, InferenceResult]:
         """Through the cache, then the version's breaker and batcher; 504 past the timeout."""
         found = self._serving(model, request.task, version)
+        request = apply_limits(self.settings.limits.for_model(model), model, request)
         key = self._cache_key(found, request, directive)
         if self.cache is None or directive is None or key is None:
             return await self._guarded(found, model, request)
@@ -541,6 +543,7 @@ class InferenceService:
         directive: CacheDirective | None = None,
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         found = self._serving(model, request.task, version)
+        request = apply_limits(self.settings.limits.for_model(model), model, request)
         backend = found.backend
         assert backend is not None
         if not backend.supports_streaming:

@@ -17,7 +17,9 @@ from modelyard.cache.config import CacheSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
 from modelyard.core.errors import ConfigError
+from modelyard.core.limits import LimitSettings
 from modelyard.core.types import Task
+from modelyard.plugins.auth_settings import AuthSettings
 
 __all__ = [
     "AliasSettings",
@@ -105,6 +107,10 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[ModelSettings] = field(default_factory=list)
     aliases: list[AliasSettings] = field(default_factory=list)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    #: Providers, rate limits, audit log; no providers = auth off (loopback only).
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    #: Request limits per model (422) and slow-client timeouts.
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
