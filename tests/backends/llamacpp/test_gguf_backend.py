@@ -208,7 +208,20 @@ async def test_a_template_that_rejects_the_conversation_is_a_bad_request(make_gg
     async with loaded(strict, Task.CHAT) as backend:
         (result,) = await backend.infer([ChatRequest((ChatMessage("user", "hi"),), GREEDY)])
     assert isinstance(result, BadRequestError)
-    assert "first message must be a system message" in result.detail
+    assert result.detail == (
+        "the chat template rejected the messages: the first message must be a system message"
+    )
+
+
+async def test_a_runaway_template_is_stopped_and_answered_with_400(make_gguf: MakeGGUF) -> None:
+    slow = make_gguf(
+        "tiny-slow", chat_template="{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% endfor %}{% endfor %}",
+    )
+    async with loaded(slow, Task.CHAT, template_timeout_s=0.1) as backend:
+        (result,) = await backend.infer([ChatRequest((ChatMessage("user", "hi"),), GREEDY)])
+    assert isinstance(result, BadRequestError)
+    assert result.detail == "chat template took longer than 0.1s"
 
 
 # -- embeddings ----------------------------------------------------------------------------

@@ -221,8 +221,10 @@ class GGUFBackend(Backend):
             raise UnsupportedTaskError(f"model {self.context.model!r} has no chat template")
         try:
             text = self._template.render(messages)
-        except (TemplateInputError, TemplateLimitError) as exc:
-            raise BadRequestError(f"chat template: {exc}") from None
+        except TemplateInputError as exc:
+            raise BadRequestError(f"the chat template rejected the messages: {exc}") from None
+        except TemplateLimitError as exc:
+            raise BadRequestError(str(exc)) from None
         except TemplateRefusedError as exc:
             raise BackendError(f"{self._template_origin}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - TemplateError and whatever a template raises
