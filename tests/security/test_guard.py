@@ -23,10 +23,10 @@ from modelyard.api.security import (
 )
 from modelyard.core.audit import AuditLog
 from modelyard.core.auth import Principal
+from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.ratelimit import RateLimiter
 from modelyard.plugins.apikeys import ApiKeyProvider
-from modelyard.plugins.auth_settings import AuthSettings
 
 Clocks = Any  # tests/security/conftest.py: ``.monotonic`` and ``.wall`` fake clocks
 

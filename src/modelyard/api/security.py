@@ -28,6 +28,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelyard.core.audit import AuditLog
 from modelyard.core.auth import AuthProvider, Credentials, Principal
+from modelyard.core.auth_settings import ANONYMOUS, AuthSettings
 from modelyard.core.errors import (
     BadRequestError,
     ConfigError,
@@ -37,7 +38,6 @@ from modelyard.core.errors import (
 )
 from modelyard.core.plugins import PluginHost
 from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, RateLimiter
-from modelyard.plugins.auth_settings import ANONYMOUS, AuthSettings
 
 __all__ = [
     "POLICIES",

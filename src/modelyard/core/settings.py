@@ -14,12 +14,12 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from modelyard.cache.config import CacheSettings
+from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.limits import LimitSettings
 from modelyard.core.types import Task
-from modelyard.plugins.auth_settings import AuthSettings
 
 __all__ = [
     "AliasSettings",

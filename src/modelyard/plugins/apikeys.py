@@ -20,9 +20,9 @@ import platformdirs
 from msgspec import Struct
 
 from modelyard.core.auth import AuthProvider, Credentials, Principal
+from modelyard.core.auth_settings import ROLES
 from modelyard.core.errors import ConfigError, UnauthorizedError
 from modelyard.core.ratelimit import LimitedPrincipal, RateLimit
-from modelyard.plugins.auth_settings import ROLES
 
 __all__ = [
     "KEY_PREFIX",

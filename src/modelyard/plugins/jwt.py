@@ -10,8 +10,8 @@ import jwt
 from msgspec import Meta, Struct, field
 
 from modelyard.core.auth import AuthProvider, Credentials, Principal
+from modelyard.core.auth_settings import ROLES
 from modelyard.core.errors import ConfigError, UnauthorizedError
-from modelyard.plugins.auth_settings import ROLES
 
 __all__ = ["JwtOptions", "JwtProvider"]
 

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from modelyard.core.audit import AuditLog
+from modelyard.core.auth_settings import ROLES, AuthSettings
 from modelyard.core.errors import ModelyardError
 from modelyard.core.ratelimit import RateLimit
 from modelyard.plugins.apikeys import ApiKeyOptions, ApiKeyRecord, KeyStore
-from modelyard.plugins.auth_settings import ROLES, AuthSettings
 
 __all__ = ["keys_cmd"]
 
