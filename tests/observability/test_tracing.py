@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
+from modelyard.core.logs import RequestContextFilter
 from modelyard.core.tracing import Tracing, otlp_provider
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -25,7 +27,8 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 def test_the_request_span_continues_an_incoming_traceparent(spans: Any) -> None:
     provider, exporter = spans
     tracing = Tracing(provider)
-    span, token = tracing.start_request("POST", "/v1/embeddings", {"traceparent": TRACEPARENT})
+    headers = [(b"traceparent", TRACEPARENT.encode())]
+    span, token = tracing.start_request("POST", "/v1/embeddings", headers)
     assert trace.get_current_span() is span
     tracing.end_request(span, token, method="POST", status=200, route="/v1/embeddings",
                         attributes={"modelyard.model": "m"})
@@ -43,7 +46,7 @@ def test_the_request_span_continues_an_incoming_traceparent(spans: Any) -> None:
 def test_a_request_without_traceparent_starts_a_trace_and_5xx_is_an_error(spans: Any) -> None:
     provider, exporter = spans
     tracing = Tracing(provider)
-    span, token = tracing.start_request("GET", "/x", {"traceparent": "garbage"})
+    span, token = tracing.start_request("GET", "/x", [(b"traceparent", b"garbage")])
     tracing.end_request(span, token, method="GET", status=503, route=None, attributes={})
     (done,) = exporter.get_finished_spans()
     assert done.parent is None
@@ -56,7 +59,7 @@ def test_live_children_nest_under_the_current_span_and_vanish_outside_one(spans:
     tracing = Tracing(provider)
     with tracing.span("modelyard.auth") as orphan:
         assert not orphan.is_recording()  # no request span: nothing is created
-    span, token = tracing.start_request("GET", "/", {})
+    span, token = tracing.start_request("GET", "/", [])
     with tracing.span("modelyard.auth", {"k": "v"}):
         pass
     tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
@@ -69,7 +72,7 @@ def test_recorded_children_take_the_given_times(spans: Any) -> None:
     provider, exporter = spans
     tracing = Tracing(provider)
     assert tracing.record("x", 1, 2) is None  # no recording parent
-    span, token = tracing.start_request("GET", "/", {})
+    span, token = tracing.start_request("GET", "/", [])
     start = time.time_ns()
     outer = tracing.record("outer", start, start + 5_000, attributes={"n": 3})
     tracing.record("inner", start + 1_000, start + 4_000, parent=outer, error=True)
@@ -85,11 +88,32 @@ def test_recorded_children_take_the_given_times(spans: Any) -> None:
 
 def test_without_an_sdk_everything_is_a_no_op() -> None:
     tracing = Tracing(trace.NoOpTracerProvider())
-    span, token = tracing.start_request("GET", "/", {"traceparent": TRACEPARENT})
+    span, token = tracing.start_request("GET", "/", [(b"traceparent", TRACEPARENT.encode())])
     assert not span.is_recording()
     assert tracing.record("x", time.time_ns(), time.time_ns()) is None
     tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
     tracing.shutdown()  # nothing owned, nothing to do
+
+
+def test_following_an_unconfigured_global_provider_costs_nothing() -> None:
+    tracing = Tracing()  # the global provider: a proxy until an SDK is configured
+    assert not tracing.active
+    span, token = tracing.start_request("GET", "/", [(b"accept", b"*/*")],
+                                        has_traceparent=False)
+    assert span is trace.INVALID_SPAN and token is None
+    tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
+
+
+def test_without_an_sdk_a_callers_trace_id_still_reaches_the_logs() -> None:
+    tracing = Tracing()
+    span, token = tracing.start_request("GET", "/", [(b"traceparent", TRACEPARENT.encode())])
+    try:
+        assert trace.get_current_span().get_span_context().trace_id == int(TRACE_ID, 16)
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+        RequestContextFilter().filter(record)
+        assert record.trace_id == TRACE_ID
+    finally:
+        tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):
@@ -127,7 +151,7 @@ def test_otlp_provider_exports_to_the_collector(
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
     url, received = collector
     tracing = Tracing(otlp_provider(url))
-    span, token = tracing.start_request("GET", "/", {})
+    span, token = tracing.start_request("GET", "/", [])
     tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
     tracing.shutdown()  # flushes the batch processor: the POST has happened when it returns
     assert received and received[0][0] == "/v1/traces"

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MetricsController", "RequestTelemetry"]
 
-REQUEST_ID_HEADER = "x-request-id"
 #: Status recorded when the client went away before any response started (nginx's 499).
 CLIENT_CLOSED = 499
 #: Routes polled by machines: their access lines are DEBUG, not INFO.
@@ -52,11 +51,19 @@ class RequestTelemetry:
         if scope["type"] != "http":  # type: ignore[comparison-overlap]
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = scope["headers"]
+        incoming_id, has_traceparent = None, False
+        for name, value in headers:
+            if name == b"x-request-id":
+                incoming_id = value.decode("latin-1")
+            elif name == b"traceparent":
+                has_traceparent = True
         method, path = scope["method"], scope["path"]  # type: ignore[typeddict-item]
-        info = RequestInfo(sane_request_id(headers.get(REQUEST_ID_HEADER)), method=method, path=path)
+        info = RequestInfo(sane_request_id(incoming_id), method=method, path=path)
         request_token = bind_request(info)
-        span, span_token = self.telemetry.tracing.start_request(method, path, headers)
+        span, span_token = self.telemetry.tracing.start_request(
+            method, path, headers, has_traceparent=has_traceparent
+        )
         id_header = (b"x-request-id", info.request_id.encode("latin-1"))
         status = 0
         started = time.perf_counter()
@@ -96,8 +103,12 @@ class RequestTelemetry:
             )
 
     def _end_span(
-        self, span: Span, token: object, info: RequestInfo, status: int, route: str | None
+        self, span: Span, token: object | None, info: RequestInfo, status: int, route: str | None
     ) -> None:
+        if not span.is_recording():
+            self.telemetry.tracing.end_request(span, token, method=info.method, status=status,
+                                               route=route, attributes={})
+            return
         attributes: dict[str, Any] = {
             "modelyard.request_id": info.request_id,
             "modelyard.model": info.model, "modelyard.version": info.version,

@@ -114,6 +114,7 @@ class Metrics:
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
         self._versions: dict[tuple[str, str, str], VersionMetrics] = {}
+        self._http: dict[tuple[str, str, int | str], Any] = {}
         r = self.registry
 
         def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
@@ -217,7 +218,11 @@ class Metrics:
     # -- events without a model version -----------------------------------------------------
 
     def http_request(self, method: str, route: str, status: int | str) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
+        key = (method, route, status)
+        child = self._http.get(key)
+        if child is None:  # routes and statuses are few: bind each combination once
+            child = self._http[key] = self.http_requests.labels(method, route, str(status))
+        child.inc()
 
     def model_swapped(self, model: str) -> None:
         self.swaps.labels(model).inc()

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 
 from modelyard import __version__
 from modelyard.core.errors import ConfigError
@@ -27,9 +36,11 @@ from modelyard.core.errors import ConfigError
 if TYPE_CHECKING:
     from opentelemetry.util.types import AttributeValue
 
-__all__ = ["Tracing", "otlp_provider", "span_attributes"]
+__all__ = ["RawHeaders", "Tracing", "otlp_provider"]
 
 Attributes = Mapping[str, "AttributeValue"]
+#: ASGI's ``scope["headers"]``: lower-case names, latin-1 bytes.
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 AUTH_SPAN = "modelyard.auth"
 CACHE_SPAN = "modelyard.cache.lookup"
@@ -47,16 +58,27 @@ class Tracing:
         source = provider if provider is not None else trace.get_tracer_provider()
         self._tracer = source.get_tracer("modelyard", __version__)
 
+    @property
+    def active(self) -> bool:
+        """False while spans can only be no-ops: no provider of ours and no global SDK."""
+        if self.provider is not None:
+            return True
+        return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider | NoOpTracerProvider)
+
     # -- the request span ------------------------------------------------------------------
 
     def start_request(
-        self, method: str, path: str, headers: Mapping[str, str]
-    ) -> tuple[Span, object]:
+        self, method: str, path: str, headers: RawHeaders, *, has_traceparent: bool = True
+    ) -> tuple[Span, object | None]:
         """Start the server span (continuing an incoming ``traceparent``) and make it current.
 
-        Returns the span and the token to pass to :meth:`end_request`.
+        Returns the span and the token to pass to :meth:`end_request`. With no SDK and no
+        ``traceparent`` there is nothing to record or pass on, so nothing is done at all;
+        with a ``traceparent`` the caller's trace id still reaches the log lines.
         """
-        parent = propagate.extract(headers)
+        if not has_traceparent and not self.active:
+            return INVALID_SPAN, None
+        parent = propagate.extract(headers, getter=_ASGI_HEADERS)
         span = self._tracer.start_span(
             method, context=parent, kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": path},
@@ -66,11 +88,12 @@ class Tracing:
 
     @staticmethod
     def end_request(
-        span: Span, token: object, *, method: str, status: int, route: str | None,
+        span: Span, token: object | None, *, method: str, status: int, route: str | None,
         attributes: Attributes,
     ) -> None:
         """Name the span after its route, record the outcome and end it."""
-        otel_context.detach(token)  # type: ignore[arg-type]
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
         if not span.is_recording():
             return
         if route:
@@ -138,9 +161,19 @@ class Tracing:
             shutdown()
 
 
-def span_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
-    """``values`` without the empty ones (OpenTelemetry rejects None)."""
-    return {k: v for k, v in values.items() if v is not None and v != ""}
+class _AsgiHeaders(Getter[RawHeaders]):
+    """Reads propagation headers straight from ``scope["headers"]`` (no dict built per request)."""
+
+    def get(self, carrier: RawHeaders, key: str) -> list[str] | None:
+        wanted = key.lower().encode("latin-1")
+        found = [value.decode("latin-1") for name, value in carrier if name == wanted]
+        return found or None
+
+    def keys(self, carrier: RawHeaders) -> list[str]:
+        return [name.decode("latin-1") for name, _ in carrier]
+
+
+_ASGI_HEADERS = _AsgiHeaders()
 
 
 def otlp_provider(endpoint: str, *, service_name: str = "modelyard") -> trace.TracerProvider:
