@@ -109,8 +109,9 @@ def bare(path: Path, threads: int, tokens: int, prompts: list[str]) -> Row:
         llm.reset()
         started = time.perf_counter()
         stamps = []
-        for _ in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
-            stamps.append(time.perf_counter())
+        for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
+            if chunk["choices"][0]["text"]:  # the last chunk only carries finish_reason
+                stamps.append(time.perf_counter())
         row.single.append(_stats(started, stamps, len(stamps)))
     llm.close()
     return row

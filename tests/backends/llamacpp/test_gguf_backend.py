@@ -104,6 +104,14 @@ async def test_concurrent_requests_each_get_their_lone_output(tiny_gguf: Path) -
     assert len(set(lone)) == len(lone)
 
 
+async def test_a_unified_kv_buffer_keeps_each_slots_share(tiny_gguf: Path) -> None:
+    async with loaded(tiny_gguf, parallel=4, n_ctx=256, kv_unified=True) as backend:
+        assert backend.info().parameters["context_per_slot"] == 256
+        lone = [(await complete(backend, p)).text for p in PROMPTS[:4]]
+        together = await backend.infer([CompletionRequest(p, GREEDY) for p in PROMPTS[:4]])
+    assert [r.text for r in together] == lone  # type: ignore[union-attr]
+
+
 async def _streamed(backend: GGUFBackend, prompt: str, params: GenerationParams = GREEDY) -> str:
     return "".join([c.text async for c in backend.stream(CompletionRequest(prompt, params))])
 

@@ -58,6 +58,33 @@ def _route_llama_logs(lib: Any) -> None:
     lib.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+#: Short llama.cpp calls the engine makes several times per step (microseconds each).
+_SHORT_CALLS = ("llama_sampler_sample", "llama_get_logits_ith", "llama_vocab_is_eog",
+                "llama_token_to_piece", "llama_memory_seq_rm", "llama_sampler_free")
+
+
+def _gil_holding_twins(lib: Any) -> dict[str, Any]:
+    """Twins of the short calls that keep the GIL (loaded through ``ctypes.PyDLL``).
+
+    A ctypes ``CDLL`` call releases the GIL and must win it back afterwards; while the event
+    loop thread is busy streaming, that can take a whole switch interval (5 ms), several
+    times per decode step. Only ``llama_decode``, which runs for milliseconds, should let go.
+    """
+    path = getattr(getattr(lib.llama_cpp, "_lib", None), "_name", None)
+    twins = {name: getattr(lib, name) for name in _SHORT_CALLS if hasattr(lib, name)}
+    if not path:
+        return twins
+    try:
+        holding = ctypes.PyDLL(path)
+        for name, releasing in list(twins.items()):
+            fast = getattr(holding, name)
+            fast.argtypes, fast.restype = releasing.argtypes, releasing.restype
+            twins[name] = fast
+    except (OSError, AttributeError):
+        log.debug("llama.cpp calls will release the GIL", exc_info=True)
+    return twins
+
+
 def describe_devices() -> list[dict[str, str]]:
     """The ggml backend devices this llama.cpp build can use (CPU, CUDA0, Metal...)."""
     try:
@@ -104,10 +131,25 @@ class LlamaRuntime:
         except BaseException:
             self.close()
             raise
+        import numpy
+
+        self._np = numpy
+        self._call = _gil_holding_twins(self.lib)
         self._piece_cache: dict[int, bytes] = {}
+        self._eog_cache: dict[int, bool] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._warm_up()
 
     # -- loading -------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """Decode one token at load: the weights are paged in and the graph is built now,
+        not during the first request (seconds when the page cache has dropped the file)."""
+        token = self.special_token("bos")
+        status = self.decode([(0, 0 if token is None else token, 0, True)])
+        self.forget(0)
+        if status != 0:
+            log.warning("warm-up decode of %s returned %d", self.path.name, status)
 
     def _gpu_layers(self, requested: int | str) -> int:
         if requested == "all":
@@ -169,7 +211,10 @@ class LlamaRuntime:
                 f"({slots} slots x {per_seq}); lower n_ctx or parallel"
             )
         self.n_seq_max = slots
-        self.n_ctx_seq = int(_n_ctx_seq(lib, self.ctx, slots))
+        # A unified KV buffer reports the whole pool per sequence; each slot keeps its share,
+        # so the pool can never run out while every sequence stays within its own.
+        share = int(lib.llama_n_ctx(self.ctx)) // slots
+        self.n_ctx_seq = min(int(_n_ctx_seq(lib, self.ctx, slots)), share)
         self.n_batch = int(lib.llama_n_batch(self.ctx))
         self.threads = threads
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -224,17 +269,21 @@ class LlamaRuntime:
         cached = self._piece_cache.get(token)
         if cached is not None:
             return cached
+        to_piece = self._call["llama_token_to_piece"]
         buffer = self._piece_buffer
-        n = self.lib.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        n = to_piece(self.vocab, token, buffer, len(buffer), 0, False)
         if n < 0:
             buffer = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+            n = to_piece(self.vocab, token, buffer, len(buffer), 0, False)
         piece = buffer.raw[: max(n, 0)]
         self._piece_cache[token] = piece
         return piece
 
     def is_eog(self, token: int) -> bool:
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+        cached = self._eog_cache.get(token)
+        if cached is None:
+            cached = self._eog_cache[token] = bool(self._call["llama_vocab_is_eog"](self.vocab, token))
+        return cached
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:
         """One ``llama_decode`` over tokens of any number of sequences; llama.cpp's status."""
@@ -255,10 +304,20 @@ class LlamaRuntime:
 
     def sample(self, sampler: Any, index: int) -> int:
         """Sample (and accept) the next token from the logits of batch entry ``index``."""
-        return int(self.lib.llama_sampler_sample(sampler, self.ctx, index))
+        if sampler is None:  # plain greedy: an argmax over the logits, no candidate array
+            logits = self._call["llama_get_logits_ith"](self.ctx, index)
+            return int(self._np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+        return int(self._call["llama_sampler_sample"](sampler, self.ctx, index))
 
     def new_sampler(self, params: GenerationParams) -> Any:
-        """A sampler chain for one sequence: bias, penalties, then greedy or top-k/top-p/temp."""
+        """A sampler chain for one sequence: bias, penalties, then greedy or top-k/top-p/temp.
+
+        None for plain greedy decoding, which ``sample`` does as an argmax: llama.cpp's greedy
+        sampler would first copy the whole vocabulary (262k entries for Gemma) per token.
+        """
+        plain = not (params.logit_bias or params.presence_penalty or params.frequency_penalty)
+        if params.temperature == 0.0 and plain:
+            return None
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if params.logit_bias:
@@ -288,13 +347,14 @@ class LlamaRuntime:
         return chain
 
     def free_sampler(self, sampler: Any) -> None:
-        self.lib.llama_sampler_free(sampler)
+        if sampler is not None:
+            self._call["llama_sampler_free"](sampler)
 
     def forget(self, seq: int) -> None:
         """Drop every KV cell of sequence ``seq`` so its slot starts clean."""
         lib = self.lib
         if self._memory is not None:
-            lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._call["llama_memory_seq_rm"](self._memory, seq, -1, -1)
         elif hasattr(lib, "llama_kv_self_seq_rm"):
             lib.llama_kv_self_seq_rm(self.ctx, seq, -1, -1)
         else:
