@@ -95,6 +95,15 @@ def test_without_an_sdk_everything_is_a_no_op() -> None:
     tracing.shutdown()  # nothing owned, nothing to do
 
 
+def test_a_provider_passed_in_is_not_shut_down_unless_owned(spans: Any) -> None:
+    provider, exporter = spans
+    Tracing(provider).shutdown()
+    tracing = Tracing(provider)
+    span, token = tracing.start_request("GET", "/", [])
+    tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
+    assert len(exporter.get_finished_spans()) == 1  # still exporting
+
+
 def test_following_an_unconfigured_global_provider_costs_nothing() -> None:
     tracing = Tracing()  # the global provider: a proxy until an SDK is configured
     assert not tracing.active
@@ -150,7 +159,7 @@ def test_otlp_provider_exports_to_the_collector(
 ) -> None:
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
     url, received = collector
-    tracing = Tracing(otlp_provider(url))
+    tracing = Tracing(otlp_provider(url), owned=True)
     span, token = tracing.start_request("GET", "/", [])
     tracing.end_request(span, token, method="GET", status=200, route="/", attributes={})
     tracing.shutdown()  # flushes the batch processor: the POST has happened when it returns

@@ -9,6 +9,7 @@ are only built when the request's span is recording.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -66,6 +67,11 @@ class Telemetry:
     def watch(self, service: InferenceService) -> None:
         """Export the service's state with every scrape."""
         self.metrics.watch(service)
+
+    async def aclose(self) -> None:
+        """Flush the spans an owned exporter still holds (the app's lifespan calls this last)."""
+        # Off the loop: the exporter may block on the network for its timeout.
+        await asyncio.to_thread(self.tracing.shutdown)
 
     # -- model lifecycle ---------------------------------------------------------------------
 

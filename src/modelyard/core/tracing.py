@@ -52,9 +52,13 @@ BACKEND_SPAN = "modelyard.backend"
 class Tracing:
     """The app's tracer and the span shapes modelyard emits."""
 
-    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+    def __init__(
+        self, provider: trace.TracerProvider | None = None, *, owned: bool = False
+    ) -> None:
         #: None follows the global provider, so a later ``set_tracer_provider`` still applies.
         self.provider = provider
+        #: Whether :meth:`shutdown` may flush and stop ``provider`` (one built for this app).
+        self.owned = owned
         source = provider if provider is not None else trace.get_tracer_provider()
         self._tracer = source.get_tracer("modelyard", __version__)
 
@@ -155,9 +159,9 @@ class Tracing:
         return time.time_ns()
 
     def shutdown(self) -> None:
-        """Flush and stop a provider this app owns (an OTLP one); the global one is left alone."""
+        """Flush and stop the provider if this app owns it (an OTLP one); others are left alone."""
         shutdown = getattr(self.provider, "shutdown", None)
-        if callable(shutdown):
+        if self.owned and callable(shutdown):
             shutdown()
 
 
