@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar import Controller, Request, Response, get
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from modelyard.core.telemetry import Telemetry
+    from modelyard.core.tracing import RawHeaders
 
 __all__ = ["MetricsController", "RequestTelemetry"]
 
@@ -51,7 +52,8 @@ class RequestTelemetry:
         if scope["type"] != "http":  # type: ignore[comparison-overlap]
             await self.app(scope, receive, send)
             return
-        headers = scope["headers"]
+        # A list in every ASGI server (the spec types it as an iterable); read more than once.
+        headers = cast("RawHeaders", scope["headers"])
         incoming_id, has_traceparent = None, False
         for name, value in headers:
             if name == b"x-request-id":
