@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -63,12 +62,23 @@ def cli() -> None:
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8000).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(config: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
+@click.option("--log-format", default=None, type=click.Choice(["json", "text"]),
+              help="Log lines as JSON (default) or text for a terminal.")
+@click.option("--otlp-endpoint", metavar="URL", default=None,
+              help="Export traces over OTLP/HTTP, e.g. http://localhost:4318/v1/traces "
+                   "(needs modelyard[otel]).")
+def serve(
+    config: str | None, host: str | None, port: int | None, log_level: str | None,
+    log_format: str | None, otlp_endpoint: str | None,
+) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
     from modelyard.api.app import create_app  # noqa: PLC0415
     from modelyard.api.security import check_bind  # noqa: PLC0415
     from modelyard.api.server import serve as run_server  # noqa: PLC0415
+    from modelyard.core.logs import configure_logging  # noqa: PLC0415
     from modelyard.core.service import InferenceService  # noqa: PLC0415
+    from modelyard.core.telemetry import Telemetry  # noqa: PLC0415
+    from modelyard.core.tracing import Tracing, otlp_provider  # noqa: PLC0415
 
     plugins = _plugins()
     try:
@@ -80,18 +90,22 @@ def serve(config: str | None, host: str | None, port: int | None, log_level: str
         host=host or settings.server.host,
         port=settings.server.port if port is None else port,
         log_level=log_level or settings.server.log_level,
+        log_format=log_format or settings.server.log_format,
     )
     settings = msgspec.structs.replace(settings, server=server)
     try:  # before any demo download: auth off on a non-loopback address is refused
         check_bind(settings.auth, server.host)
     except ModelyardError as exc:
         _fail(exc.detail)
-    logging.basicConfig(
-        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(server.log_level, server.log_format)
+    try:  # the app's lifespan flushes an OTLP provider at shutdown (SIGTERM included)
+        tracing = Tracing(otlp_provider(otlp_endpoint), owned=True) if otlp_endpoint else Tracing()
+    except ModelyardError as exc:
+        _fail(exc.detail)
     if is_demo:
         prepare_demo_models(settings)
-    service = InferenceService(settings, plugins)
+    telemetry = Telemetry(tracing=tracing, log_prompts=server.log_prompts)
+    service = InferenceService(settings, plugins, telemetry=telemetry)
     try:
         app = create_app(settings, plugins=plugins, service=service)
     except ModelyardError as exc:  # an unknown auth provider, a JWT key file missing, ...

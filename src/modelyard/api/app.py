@@ -15,6 +15,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from modelyard import __version__
 from modelyard.api.admin import AdminController
 from modelyard.api.disconnect import CancelOnDisconnect
+from modelyard.api.observability import MetricsController, RequestTelemetry
 from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
 from modelyard.api.security import BodyLimits, Security, provide_principal
@@ -73,13 +74,14 @@ def create_app(
             yield
         finally:
             await core.stop()
+            await core.telemetry.aclose()  # flush spans an exporter still holds
 
     def provide_service() -> InferenceService:
         return core
 
     app_state: dict[str, Any] = {"service": core, "security": guard}
-    return Litestar(
-        route_handlers=[OpenAIController, V2Controller, AdminController],
+    app = Litestar(
+        route_handlers=[OpenAIController, V2Controller, AdminController, MetricsController],
         dependencies={
             "service": Provide(provide_service, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
@@ -95,4 +97,10 @@ def create_app(
         ],
         state=State(app_state),
         debug=False,
+        # Litestar's default config would replace the root handler the CLI set up (JSON lines).
+        logging_config=None,
     )
+    # Around Litestar's whole handler, not in ``middleware``: unrouted requests (404, 405)
+    # get a request id and an access line too.
+    app.asgi_handler = RequestTelemetry(app.asgi_handler, core.telemetry)
+    return app

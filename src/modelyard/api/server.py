@@ -44,6 +44,6 @@ def serve(app: Litestar, service: InferenceService, server: ServerSettings) -> N
         h11_max_incomplete_event_size=limits.max_header_bytes,
         limit_concurrency=limits.max_connections,
         timeout_graceful_shutdown=max(1, round(server.shutdown_grace_s)), access_log=False,
-        lifespan="on",
+        lifespan="on", log_config=None,  # uvicorn's lines go through our (JSON) root handler
     )
     DrainingServer(config, service).run()

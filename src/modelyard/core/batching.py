@@ -15,19 +15,47 @@ from modelyard.core.types import InferenceRequest, InferenceResult
 if TYPE_CHECKING:
     from modelyard.core.backend import Backend
 
-__all__ = ["Batcher", "Clock"]
+__all__ = ["BatchRun", "BatchTiming", "Batcher", "Clock"]
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
 
-class _Pending:
-    __slots__ = ("future", "request", "enqueued_at")
+class BatchRun:
+    """One backend call: its size, wall-clock bounds (for spans) and duration (batcher clock)."""
 
-    def __init__(self, request: InferenceRequest, future: asyncio.Future[InferenceResult], now: float) -> None:
+    __slots__ = ("failed", "finished_ns", "seconds", "size", "started_ns")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.started_ns = time.time_ns()
+        self.finished_ns = 0
+        self.seconds = 0.0
+        self.failed = False
+
+
+class BatchTiming:
+    """What the batcher did with one request; given to ``submit`` by a caller that observes."""
+
+    __slots__ = ("batch", "enqueued_ns", "queue_wait_s")
+
+    def __init__(self) -> None:
+        self.enqueued_ns = 0
+        self.queue_wait_s: float | None = None
+        self.batch: BatchRun | None = None
+
+
+class _Pending:
+    __slots__ = ("enqueued_at", "future", "request", "timing")
+
+    def __init__(
+        self, request: InferenceRequest, future: asyncio.Future[InferenceResult], now: float,
+        timing: BatchTiming | None = None,
+    ) -> None:
         self.request = request
         self.future = future
         self.enqueued_at = now
+        self.timing = timing
 
 
 class Batcher:
@@ -47,8 +75,11 @@ class Batcher:
         max_queue_size: int,
         refill_wait_s: float = 0.0,
         clock: Clock = time.monotonic,
+        on_batch: Callable[[BatchRun], None] | None = None,
     ) -> None:
         self._backend = backend
+        #: Called after every backend call (metrics: batch size, call duration).
+        self._on_batch = on_batch
         self.refill_wait_s = refill_wait_s
         self._last_batch = 0
         self.max_batch_size = max(1, max_batch_size)
@@ -82,14 +113,18 @@ class Batcher:
             if not pending.future.done():
                 pending.future.set_exception(ServiceUnavailableError("model version is unloading"))
 
-    async def submit(self, request: InferenceRequest) -> InferenceResult:
+    async def submit(
+        self, request: InferenceRequest, *, timing: BatchTiming | None = None
+    ) -> InferenceResult:
         """Queue a request and wait for its own result (or its own share of a batch error)."""
         if len(self._queue) >= self.max_queue_size:
             raise ServiceUnavailableError(
                 f"queue full ({self.max_queue_size} waiting); retry shortly", retry_after=1
             )
         future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(request, future, self._clock()))
+        if timing is not None:
+            timing.enqueued_ns = time.time_ns()
+        self._queue.append(_Pending(request, future, self._clock(), timing))
         self._wakeup.set()
         # A caller that is cancelled (timeout, disconnect) cancels its future: the worker skips it.
         return await future
@@ -155,9 +190,15 @@ class Batcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         self.batches_run += 1
+        run = BatchRun(len(batch))
+        started = self._clock()
+        for pending in batch:
+            if pending.timing is not None:
+                pending.timing.queue_wait_s = started - pending.enqueued_at
+                pending.timing.batch = run
         requests = [p.request for p in batch]
         try:
-            results = await self._backend.infer(requests)
+            results = await self._call(requests, run, started)
             if len(results) != len(requests):
                 raise BackendError(
                     f"backend returned {len(results)} results for a batch of {len(requests)}"
@@ -181,6 +222,19 @@ class Batcher:
                 pending.future.set_exception(result)
             else:
                 pending.future.set_result(result)
+
+    async def _call(
+        self, requests: list[InferenceRequest], run: BatchRun, started: float
+    ) -> list[InferenceResult]:
+        try:
+            return await self._backend.infer(requests)
+        except BaseException:
+            run.failed = True
+            raise
+        finally:
+            run.seconds, run.finished_ns = self._clock() - started, time.time_ns()
+            if self._on_batch is not None:
+                self._on_batch(run)
 
     @staticmethod
     def _fail_all(batch: list[_Pending], exc: Exception) -> None:

@@ -15,7 +15,7 @@ import platformdirs
 from modelyard import __version__
 from modelyard.cache.config import CacheDirective
 from modelyard.core.backend import Backend, LoadContext
-from modelyard.core.batching import Batcher, Clock
+from modelyard.core.batching import Batcher, BatchTiming, Clock
 from modelyard.core.breaker import CircuitState
 from modelyard.core.canary import Canary
 from modelyard.core.errors import (
@@ -40,6 +40,7 @@ from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
 from modelyard.core.settings import ModelSpec, Settings, decode_settings, resolve_models
 from modelyard.core.sources import SourceResolver, resolve_source
+from modelyard.core.telemetry import Telemetry
 from modelyard.core.types import (
     InferenceRequest,
     InferenceResult,
@@ -67,6 +68,7 @@ class InferenceService:
         *,
         clock: Clock = time.monotonic,
         source_resolver: SourceResolver = resolve_source,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
@@ -90,6 +92,12 @@ class InferenceService:
         self.started_at = 0.0
         self.started_wall = time.time()
         self.draining = False
+        #: Metrics, tracing and request context; one per service, so apps never share them.
+        self.telemetry = (
+            telemetry if telemetry is not None
+            else Telemetry(log_prompts=settings.server.log_prompts)
+        )
+        self.telemetry.watch(self)
         self.cache: CacheLayer | None = None
 
     @staticmethod
@@ -168,6 +176,7 @@ class InferenceService:
 
     async def _load(self, version: ModelVersion, *, activate: bool) -> None:
         spec = version.spec
+        started = self._clock()
         version.error = ""
         version.set_state(VersionState.LOADING)
         try:
@@ -190,10 +199,12 @@ class InferenceService:
             max_queue_size=spec.batching.max_queue_size,
             refill_wait_s=spec.batching.refill_wait_ms / 1000.0,
             clock=self._clock,
+            on_batch=self.telemetry.batch_observer(version),
         )
         version.batcher.start()
         version.breaker.reset()  # a reloaded version starts with a clean record
         version.progress, version.phase = 100.0, "ready"
+        self.telemetry.model_loaded(version, self._clock() - started)
         version.set_state(VersionState.READY)
         if activate:
             self._activate(version)
@@ -202,10 +213,16 @@ class InferenceService:
         spec = version.spec
 
         def progress(phase: str, percent: float) -> None:
-            version.phase, version.progress = phase, max(0.0, min(99.0, percent))
+            # Never backwards: a later step may name a lower figure than the last one reached.
+            version.phase, version.progress = phase, max(version.progress, min(99.0, percent))
 
+        version.progress = 0.0
         progress("resolving source", 0.0)
-        path = await asyncio.to_thread(self._resolve_source, spec.source, self.cache_dir, progress)
+        # Preparing the source (a demo export) reports 0-100 of its own: it fills 0-50 overall.
+        path = await asyncio.to_thread(
+            self._resolve_source, spec.source, self.cache_dir,
+            lambda phase, percent: progress(phase, percent / 2.0),
+        )
         if self.cache is not None:
             from modelyard.cache.keys import weights_digest
 
@@ -260,6 +277,7 @@ class InferenceService:
             except Exception:  # noqa: BLE001
                 log.exception("unloading %s:%s raised", version.name, version.version)
         if version.state != VersionState.FAILED:
+            version.progress, version.phase = 0.0, "unloaded"
             version.set_state(VersionState.UNLOADED)
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -387,6 +405,7 @@ class InferenceService:
             raise ConflictError(f"swap of {name!r} to {to!r} is not safe", extra={"report": report})
         async with self._lock(name):
             self._activate(self.registry.entry(name).versions[to])
+            self.telemetry.swapped(name)
             await self._prune_deprecated(name)
         return report
 
@@ -403,6 +422,7 @@ class InferenceService:
         async with self._lock(name):
             target = history.pop()
             self._activate(entry.versions[target], remember=False)
+            self.telemetry.rolled_back(name, "manual")
         return target
 
     async def _prune_deprecated(self, name: str) -> None:
@@ -485,6 +505,7 @@ class InferenceService:
     ) -> tuple[ModelVersion, InferenceResult]:
         """Through the cache, then the version's breaker and batcher; 504 past the timeout."""
         found = self._serving(model, request.task, version)
+        self.telemetry.serving(found, request)
         request = apply_limits(self.settings.limits.for_model(model), model, request)
         key = self._cache_key(found, request, directive)
         if self.cache is None or directive is None or key is None:
@@ -495,6 +516,7 @@ class InferenceService:
 
         result, outcome = await self.cache.lookup_or_run(key, run, refresh=directive.refresh)
         directive.status = "BYPASS" if directive.refresh else outcome.upper()
+        self.telemetry.cache_result(directive.status.lower())
         return found, result
 
     async def _guarded(
@@ -513,9 +535,10 @@ class InferenceService:
         assert found.batcher is not None
         timeout_ms = found.spec.batching.timeout_ms
         timeout_s = timeout_ms / 1000.0 if timeout_ms else self.settings.server.request_timeout_s
+        timing = BatchTiming()
         try:
             async with asyncio.timeout(timeout_s):
-                result = await found.batcher.submit(request)
+                result = await found.batcher.submit(request, timing=timing)
         except TimeoutError:
             self._record_outcome(found, failed=True)
             raise TimeoutError_(f"model {model!r} did not answer within {timeout_s:g}s") from None
@@ -525,7 +548,10 @@ class InferenceService:
         except Exception:
             self._record_outcome(found, failed=True)
             raise
+        finally:
+            self.telemetry.batched(found, timing)
         self._record_outcome(found, failed=False)
+        self.telemetry.answered(found, result)
         return found, result
 
     async def stream(
@@ -543,6 +569,7 @@ class InferenceService:
         directive: CacheDirective | None = None,
     ) -> tuple[ModelVersion, AsyncIterator[StreamChunk]]:
         found = self._serving(model, request.task, version)
+        self.telemetry.serving(found, request)
         request = apply_limits(self.settings.limits.for_model(model), model, request)
         backend = found.backend
         assert backend is not None
@@ -556,6 +583,7 @@ class InferenceService:
 
             chunks, outcome = await self.cache.stream_through(key, start, refresh=directive.refresh)
             directive.status = "BYPASS" if directive.refresh else outcome.upper()
+            self.telemetry.cache_result(directive.status.lower())
             return found, chunks
         return found, await self._start_stream(found, model, request)
 
@@ -566,7 +594,7 @@ class InferenceService:
         assert backend is not None
         # The breaker hears about the start only: for a stream, "slow" is time to first token.
         with found.breaker.acquire():
-            chunks = aiter(backend.stream(request))
+            chunks = aiter(self.telemetry.observe_stream(found, backend.stream(request)))
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
@@ -614,6 +642,7 @@ class InferenceService:
         if canary is None:
             raise ConflictError(f"model {name!r} has no canary")
         if reason:
+            self.telemetry.rolled_back(name, "canary")
             self.canary_rollbacks[name] = reason
             log.warning("canary of %s version %s rolled back: %s", name, canary.target, reason)
 
@@ -694,6 +723,8 @@ class InferenceService:
         log.info(
             "model %s version %s: %s -> %s", version.name, version.version,
             old.value if old else "-", new.value,
+            extra={"model": version.name, "version": version.version,
+                   "old_state": old.value if old else None, "new_state": new.value},
         )
         self.plugins.model_version_state_changed(version, old, new)
 

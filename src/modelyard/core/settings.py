@@ -8,7 +8,7 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -51,6 +51,10 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     #: Time in-flight requests get to finish on SIGTERM.
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 25.0
     log_level: str = "info"
+    #: ``json``: one JSON object per line (for collectors); ``text``: for a terminal.
+    log_format: Literal["json", "text"] = "json"
+    #: Put prompt text in access log lines; off by default (prompts may hold personal data).
+    log_prompts: bool = False
     #: A swap needs the target's health score (0-1) at least this high.
     swap_health_threshold: Annotated[float, Meta(ge=0, le=1)] = 1.0
     #: Previously active versions kept loaded (deprecated) for rollback.
