@@ -407,3 +407,16 @@ def test_the_documented_config_is_valid(auth_host: PluginHost, tmp_path: Path) -
     assert [p.provider for p in settings.auth.providers] == ["apikeys", "jwt"]
     assert settings.limits.for_model("chat-small").max_tokens == 512
     assert set(settings.auth.rate_limits) == {"user", "viewer", "anonymous"}
+
+
+async def test_auth_failures_and_rate_limiting_show_in_metrics(secured: Any) -> None:
+    api = await secured(auth={"rate_limits": {"user": {"rate": 0.001, "burst": 1}}})
+    assert (await api.client.get("/v1/models")).status_code == 401
+    assert (await api.client.get("/v1/models", headers=bearer("my_bogus_key"))).status_code == 401
+    user = bearer(api.keys["user"])
+    assert (await api.client.get("/v1/models", headers=user)).status_code == 200
+    assert (await api.client.get("/v1/models", headers=user)).status_code == 429
+    text = (await api.client.get("/metrics", headers=bearer(api.keys["admin"]))).text
+    assert 'modelyard_auth_failures_total{reason="missing"} 1.0' in text
+    assert 'modelyard_auth_failures_total{reason="invalid"} 1.0' in text
+    assert 'modelyard_rate_limited_requests_total{model=""} 1.0' in text

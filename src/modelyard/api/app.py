@@ -79,6 +79,7 @@ def create_app(
     def provide_service() -> InferenceService:
         return core
 
+    guard.metrics = core.telemetry.metrics
     app_state: dict[str, Any] = {"service": core, "security": guard}
     app = Litestar(
         route_handlers=[OpenAIController, V2Controller, AdminController, MetricsController],

@@ -36,6 +36,7 @@ from modelyard.core.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
+from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
 from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, RateLimiter
 
@@ -222,6 +223,8 @@ class Security:
         self._anonymous = Principal(
             id=ANONYMOUS, roles=frozenset(settings.anonymous_roles), model_scopes=None
         )
+        #: Set by create_app so refusals show in /metrics (auth failures, rate limiting).
+        self.metrics: Metrics | None = None
 
     @classmethod
     def from_settings(
@@ -315,11 +318,14 @@ class Security:
         """401 with a WWW-Authenticate challenge (RFC 6750); 429 once a client keeps failing."""
         self.audit.record("auth.failure", result="denied", target=target, client=client,
                           status=401, detail=exc.detail)
+        if self.metrics is not None:
+            self.metrics.auth_failure("missing" if challenge else "invalid")
         limit = self.settings.rate_limits.get(ANONYMOUS)
         if limit is not None:
             decision = self.limiter.take(f"addr:{client}", limit)
             context.headers = _ratelimit_fields(ANONYMOUS, decision)
             if not decision.allowed:
+                self._count_rate_limited()
                 return _too_many(decision, context.headers)
         reason = exc.detail.replace("\\", "").replace('"', "'")
         exc.headers.setdefault(
@@ -338,7 +344,12 @@ class Security:
         decision = self.limiter.take(key, limit)
         context.headers = _ratelimit_fields(policy_name, decision)
         if not decision.allowed:
+            self._count_rate_limited()
             raise _too_many(decision, context.headers)
+
+    def _count_rate_limited(self) -> None:
+        if self.metrics is not None:
+            self.metrics.rate_limited_request()
 
     def _limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
         """The key's own limit, else the most generous of its roles' (a role without one is
