@@ -109,3 +109,20 @@ async def test_embeddings_and_v2_tensors(start_api: Any, tmp_path: Path) -> None
     answers = [await api.client.post("/v2/models/t/infer", json=tensor) for _ in "12"]
     assert [a.headers["x-cache"] for a in answers] == ["MISS", "HIT"]
     assert answers[0].json()["outputs"] == answers[1].json()["outputs"]
+
+
+async def test_cache_tiers_show_in_metrics(start_api: Any, tmp_path: Path) -> None:
+    api = await start_api(CHAT, cache=_cache(tmp_path))
+    await api.client.post("/v1/chat/completions", json=_chat("one"))  # miss in both tiers
+    await api.service.cache.settle()
+    await api.client.post("/v1/chat/completions", json=_chat("one"))  # memory hit
+    await api.service.cache.settle()
+    text = (await api.client.get("/metrics")).text
+    assert 'modelyard_cache_hits_total{tier="memory"} 1.0' in text
+    assert 'modelyard_cache_misses_total{tier="memory"} 1.0' in text
+    assert 'modelyard_cache_misses_total{tier="disk"} 1.0' in text
+    assert 'modelyard_cache_bytes{tier="disk"}' in text
+    assert 'modelyard_cache_dedup_ratio{tier="disk"}' in text
+    # A second scrape adds nothing: the counters follow the layer, they do not double.
+    again = (await api.client.get("/metrics")).text
+    assert 'modelyard_cache_hits_total{tier="memory"} 1.0' in again

@@ -109,6 +109,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._synced: dict[tuple[int, str], int] = {}
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -243,6 +244,33 @@ class Metrics:
 
     def cache_coalesced_request(self, model: str = "") -> None:
         self.cache_coalesced.labels(model).inc()
+
+    def sync_cache(self, stats: dict[str, Any]) -> None:
+        """Bring the cache metrics up to the layer's own counters (``CacheLayer.stats()``).
+
+        The layer counts per tier as it goes; a scrape turns the growth since the last scrape
+        into counter increments, so the exported counters stay monotonic.
+        """
+        reaching = stats.get("hits", 0) + stats.get("misses", 0)
+        for tier in stats.get("tiers", []):
+            inner = tier.get("inner") if isinstance(tier.get("inner"), dict) else tier
+            name = str(inner.get("tier", tier.get("tier", "")))  # a dedup wrapper: its store
+            hits = int(tier.get("hits", 0))
+            self._advance(self.cache_hits, name, hits)
+            self._advance(self.cache_misses, name, max(0, reaching - hits))
+            reaching = max(0, reaching - hits)
+            if "bytes" in inner:
+                self.cache_size.labels(name).set(inner["bytes"])
+            if "dedup_ratio" in tier:
+                self.cache_dedup.labels(name).set(tier["dedup_ratio"])
+        self._advance(self.cache_coalesced, "", int(stats.get("coalesced", 0)))
+
+    def _advance(self, counter: Any, label: str, total: int) -> None:
+        key = (id(counter), label)
+        grow = total - self._synced.get(key, 0)
+        if grow > 0:
+            counter.labels(label).inc(grow)
+            self._synced[key] = total
 
     def auth_failure(self, reason: str) -> None:
         """``reason`` is a short fixed word (missing, invalid, expired, forbidden), never input."""
