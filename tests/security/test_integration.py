@@ -389,7 +389,7 @@ def test_serve_passes_the_connection_limits_to_uvicorn(
     plugin_host: PluginHost, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings(limits={"keep_alive_timeout_s": 7, "max_header_bytes": 8192,
-                                     "max_connections": 64})
+                                     "max_connections": 64, "http_parser": "h11"})
     service = InferenceService(settings, plugin_host)
     seen: list[Any] = []
     monkeypatch.setattr(server_module.DrainingServer, "run", lambda self: seen.append(self.config))
@@ -398,6 +398,8 @@ def test_serve_passes_the_connection_limits_to_uvicorn(
     (config,) = seen
     assert (config.http, config.timeout_keep_alive, config.h11_max_incomplete_event_size,
             config.limit_concurrency) == ("h11", 7, 8192, 64)
+    default = make_settings()
+    assert default.limits.http_parser == "httptools"  # speed by default; h11 to bound headers
 
 
 def test_the_documented_config_is_valid(auth_host: PluginHost, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def serve(app: Litestar, service: InferenceService, server: ServerSettings) -> N
         app, host=server.host, port=server.port, log_level=server.log_level,
         # Slow clients (docs/security.md): idle keep-alive connections close, header bytes
         # are bounded, connections past the limit get 503; stalled bodies get 408 in the app.
-        # h11 by default: httptools enforces no header size (2 MB accepted in a test).
+        # httptools by default for speed; h11 bounds header bytes (docs/security.md).
         http=limits.http_parser,
         timeout_keep_alive=limits.keep_alive_timeout_s,
         h11_max_incomplete_event_size=limits.max_header_bytes,
