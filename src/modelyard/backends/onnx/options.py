@@ -39,7 +39,7 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Tokens per input; longer inputs are truncated. None: the model's own limit.
     max_length: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     #: Largest number of requests served by one ``infer`` call (one padded session.run).
-    max_batch_size: Annotated[int, Meta(ge=1, le=4096)] = 32
+    max_batch_size: Annotated[int, Meta(ge=1, le=4096)] = 16
     #: The ONNX file inside the model directory.
     file: str = "model.onnx"
 
