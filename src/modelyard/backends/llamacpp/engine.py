@@ -234,30 +234,36 @@ class _Scheduler:
 
     def _plan(self) -> tuple[list[BatchEntry], list[tuple[_Sequence, int]]]:
         """This step's batch: every decoder's next token, then prompt chunks of newcomers."""
-        entries: list[BatchEntry] = []
-        outputs: list[tuple[_Sequence, int]] = []
-        decoding = [s for s in self.active.values() if not s.prefilling]
-        for seq in decoding:
-            outputs.append((seq, len(entries)))
-            entries.append((seq.seq_id, seq.last_token, seq.fed, True))
-            seq.fed += 1
-        room = self.rt.n_batch - len(entries)
+        decoding = {s.seq_id for s in self.active.values() if not s.prefilling}
+        room = self.rt.n_batch - len(decoding)
         budget = min(room, self.prefill_chunk) if decoding else room
-        for seq in self.active.values():
+        chunks: dict[int, int] = {}
+        for seq in self.active.values():  # admission order: first come, first fed
             if budget <= 0:
                 break
-            if not seq.prefilling:
-                continue
-            prompt = seq.job.prompt
-            take = min(budget, len(prompt) - seq.fed)
-            for position in range(seq.fed, seq.fed + take):
-                entries.append((seq.seq_id, prompt[position], position, False))
-            seq.fed += take
-            budget -= take
-            if not seq.prefilling:
-                seq_id, token, position, _ = entries[-1]
-                entries[-1] = (seq_id, token, position, True)
-                outputs.append((seq, len(entries) - 1))
+            if seq.seq_id not in decoding:
+                chunks[seq.seq_id] = take = min(budget, len(seq.job.prompt) - seq.fed)
+                budget -= take
+        # Entries go in sequence-id order: llama.cpp splits a batch whose sequences are out
+        # of order into more micro-batches (eight sequences in reverse order decode 2x slower).
+        entries: list[BatchEntry] = []
+        outputs: list[tuple[_Sequence, int]] = []
+        for seq_id in sorted(self.active):
+            seq = self.active[seq_id]
+            if seq_id in decoding:
+                outputs.append((seq, len(entries)))
+                entries.append((seq_id, seq.last_token, seq.fed, True))
+                seq.fed += 1
+            elif seq_id in chunks:
+                prompt, start = seq.job.prompt, seq.fed
+                seq.fed += chunks[seq_id]
+                finished = not seq.prefilling
+                entries.extend(
+                    (seq_id, prompt[position], position, finished and position == seq.fed - 1)
+                    for position in range(start, seq.fed)
+                )
+                if finished:
+                    outputs.append((seq, len(entries) - 1))
         return entries, outputs
 
     def _in_batch(self, entries: list[BatchEntry]) -> set[_Sequence]:
