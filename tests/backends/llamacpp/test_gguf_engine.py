@@ -179,7 +179,9 @@ async def test_utf8_split_across_tokens_is_emitted_whole(engine_for: Any) -> Non
 
 
 async def test_sequences_decode_together_in_one_batch_per_step(engine_for: Any) -> None:
-    runtime = FakeRuntime(slots=3)
+    # Each step costs a little, so all three requests (submitted in one loop turn) are
+    # admitted while the first is still decoding, however loaded the machine is.
+    runtime = FakeRuntime(slots=3, step_cost_s=0.005)
     engine = engine_for(runtime)
     prompts = [[0], [10, 11], [20, 21, 22]]
     results = await asyncio.gather(*(collect(engine.submit(p, GREEDY, 4)) for p in prompts))
