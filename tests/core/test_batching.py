@@ -336,3 +336,56 @@ async def test_hanging_backend_holds_until_released(make_batcher: Any) -> None:
     assert not pending.done()
     backend.release.set()
     assert (await pending).text == "prompt number 0"  # type: ignore[union-attr]
+
+
+class HeldBackend(CountingBackend):
+    """Every batch waits at the gate; ``held`` counts the calls inside ``infer`` right now."""
+
+    name = "held"
+
+    def __init__(self, context: LoadContext) -> None:
+        super().__init__(context)
+        self.gate = asyncio.Event()
+        self.held = 0
+        self.most_held = 0
+
+    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        self.held += 1
+        self.most_held = max(self.most_held, self.held)
+        try:
+            await self.gate.wait()
+            return await super().infer(batch)
+        finally:
+            self.held -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+async def test_concurrency_bounds_the_batches_inside_the_backend(
+    make_batcher: Any, concurrency: int
+) -> None:
+    backend = HeldBackend(_context())
+    batcher = make_batcher(backend, max_batch_size=4, concurrency=concurrency)
+    calls = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(16)]
+    await until(lambda: backend.held == concurrency)
+    for _ in range(100):  # give any extra worker every chance to start one more batch
+        await asyncio.sleep(0)
+    assert backend.held == concurrency == batcher.in_flight
+    assert batcher.depth == 16 - 4 * concurrency  # each held batch took a full 4
+
+    backend.gate.set()
+    results = await asyncio.gather(*calls)
+    assert [r.text for r in results] == [f"prompt number {i}" for i in range(16)]
+    assert backend.most_held == concurrency
+    assert sorted(backend.calls) == [4, 4, 4, 4]
+    assert batcher.in_flight == 0
+
+
+async def test_stop_fails_the_batches_of_every_worker(make_batcher: Any) -> None:
+    backend = HeldBackend(_context())
+    batcher = make_batcher(backend, max_batch_size=2, concurrency=2)
+    calls = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(6)]
+    await until(lambda: backend.held == 2)
+    await batcher.stop()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, ServiceUnavailableError) for o in outcomes)
+    assert backend.calls == []  # nothing finished; everyone heard why

@@ -65,6 +65,8 @@ class Backend:
     options_type: ClassVar[type[msgspec.Struct]] = NoOptions
     #: Largest batch ``infer`` accepts; the engine never sends more.
     max_batch_size: int = 1
+    #: How many ``infer`` calls the engine may have in flight at once (1: one after another).
+    concurrent_batches: int = 1
 
     def __init__(self, context: LoadContext) -> None:
         self.context = context

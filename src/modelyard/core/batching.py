@@ -59,11 +59,13 @@ class _Pending:
 
 
 class Batcher:
-    """One queue and one worker per model version.
+    """One queue per model version, drained by ``concurrency`` workers.
 
     While the backend runs a batch, newcomers queue; the next batch takes up to
     ``max_batch_size`` of them at once, so batches grow with load and a lone request on an
-    idle model waits at most ``max_queue_delay_s``.
+    idle model waits at most ``max_queue_delay_s``. With ``concurrency`` > 1 that many batches
+    may be inside the backend at once (Triton's instance count): a CPU backend running one
+    single-threaded batch per core keeps every core busy without a barrier between them.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         refill_wait_s: float = 0.0,
+        concurrency: int = 1,
         clock: Clock = time.monotonic,
         on_batch: Callable[[BatchRun], None] | None = None,
     ) -> None:
@@ -81,33 +84,39 @@ class Batcher:
         #: Called after every backend call (metrics: batch size, call duration).
         self._on_batch = on_batch
         self.refill_wait_s = refill_wait_s
-        self._last_batch = 0
+        self.concurrency = max(1, concurrency)
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self.batches_run = 0
+        #: Batches inside the backend right now (at most ``concurrency``).
+        self.in_flight = 0
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._run(), name=f"batcher-{i}") for i in range(self.concurrency)
+            ]
 
     async def stop(self) -> None:
-        """Stop the worker; whatever still waits fails with 503."""
-        if self._worker is not None:
-            self._worker.cancel()
+        """Stop the workers; whatever still waits fails with 503."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.cancel()
+        for worker in workers:
             try:
-                await self._worker
+                await worker
             except asyncio.CancelledError:
                 pass
-            self._worker = None
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
@@ -130,31 +139,36 @@ class Batcher:
         return await future
 
     async def _run(self) -> None:
+        last_batch = 0  # per worker: what this worker's callers will send back
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             await self._wait_for_company()
-            await self._wait_for_refill()
+            await self._wait_for_refill(last_batch)
             batch = self._take_batch()
             if batch:
-                self._last_batch = len(batch)
-                await self._execute(batch)
+                last_batch = len(batch)
+                self.in_flight += 1
+                try:
+                    await self._execute(batch)
+                finally:
+                    self.in_flight -= 1
 
     async def _wait_for_company(self) -> None:
         if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
             return
         await self._wait_for_depth(self.max_batch_size, self._queue[0].enqueued_at + self.max_queue_delay_s)
 
-    async def _wait_for_refill(self) -> None:
+    async def _wait_for_refill(self, last_batch: int) -> None:
         """After a batch of k, briefly wait for k requests before running fewer.
 
         Under steady load the callers of the last batch send their next requests a moment
         after their answers leave; starting at once would split them into a small batch and a
         large one. An idle model pays nothing: this only waits while some requests are queued.
         """
-        target = min(self._last_batch, self.max_batch_size)
+        target = min(last_batch, self.max_batch_size)
         if self.refill_wait_s <= 0 or not self._queue or len(self._queue) >= target:
             return
         await self._wait_for_depth(target, self._clock() + self.refill_wait_s)

@@ -198,6 +198,7 @@ class InferenceService:
             max_queue_delay_s=spec.batching.max_queue_delay_ms / 1000.0,
             max_queue_size=spec.batching.max_queue_size,
             refill_wait_s=spec.batching.refill_wait_ms / 1000.0,
+            concurrency=backend.concurrent_batches,
             clock=self._clock,
             on_batch=self.telemetry.batch_observer(version),
         )
