@@ -109,6 +109,53 @@ async def test_many_inputs_run_in_chunks_and_keep_their_order(
     )
 
 
+async def test_concurrent_runs_share_the_session_and_split_the_cores(
+    start_onnx_api: Any, tiny_encoder: Path, reference_embeddings: Reference
+) -> None:
+    import asyncio
+
+    api = await start_onnx_api({
+        "name": "e", "backend": "onnx", "source": str(tiny_encoder), "task": "embeddings",
+        "options": {"concurrent_runs": 2, "max_batch_size": 2},
+    })
+    version = api.service.registry.get("e")
+    assert version.batcher is not None and version.batcher.concurrency == 2
+    meta = (await api.client.get("/v2/models/e")).json()["parameters"]
+    assert meta["concurrent_runs"] == 2
+    from modelyard.backends.onnx.backend import usable_cores
+
+    assert meta["intra_op_threads"] == max(1, usable_cores() // 2)
+    texts = [" ".join(["cat"] * n) for n in range(1, 13)]
+    replies = await asyncio.gather(*(
+        api.client.post("/v1/embeddings", json={"model": "e", "input": t}) for t in texts
+    ))
+    got = np.array([r.json()["data"][0]["embedding"] for r in replies])
+    assert np.allclose(got, reference_embeddings(tiny_encoder, texts, 32), atol=1e-5)
+
+
+async def test_generation_runs_one_at_a_time_whatever_concurrent_runs_says(
+    tiny_gpt2: Path,
+) -> None:
+    backend = await _backend(tiny_gpt2, Task.COMPLETION, concurrent_runs=4)
+    assert backend.concurrent_batches == 1 and backend.max_batch_size == 1
+
+
+def test_session_config_entries_reach_onnxruntime(tiny_encoder: Path) -> None:
+    import onnxruntime as ort
+
+    from modelyard.backends.onnx.backend import _session_options
+    from modelyard.backends.onnx.layout import locate
+
+    options = msgspec.convert(
+        {"session_config": {"session.dynamic_block_base": "4"}, "intra_op_threads": 3},
+        OnnxOptions,
+    )
+    so = _session_options(ort, options, locate(tiny_encoder, options.file))
+    assert so.get_session_config_entry("session.dynamic_block_base") == "4"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.intra_op_num_threads == 3  # an explicit count wins over concurrent_runs
+
+
 async def test_classification_ranks_labels_from_config(tiny_classifier: Path) -> None:
     import onnxruntime as ort
     from tokenizers import Tokenizer

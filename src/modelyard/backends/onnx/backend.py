@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class OnnxBackend(Backend):
         self.options: OnnxOptions = context.options
         # Generations run one after another; batching them would only queue them inside infer.
         self.max_batch_size = 1 if self.task in _GENERATION else self.options.max_batch_size
+        self.concurrent_batches = 1 if self.task in _GENERATION else self.options.concurrent_runs
         self._session: Any = None
         self._runner: Any = None
         self._info = BackendInfo(platform="onnxruntime")
@@ -88,6 +90,7 @@ class OnnxBackend(Backend):
                     # Operators outside the standard set: worth seeing next to the providers.
                     "op_domains": sorted(summary.domains - {"", "ai.onnx"}),
                     "max_batch_size": self.max_batch_size,
+                    "concurrent_runs": self.concurrent_batches,
                     **extra,
                 }
             ),
@@ -124,6 +127,7 @@ class OnnxBackend(Backend):
             "requested_providers": self.options.provider_list or "auto",
             "provider_warnings": warnings,
             "graph_optimization": self.options.graph_optimization,
+            "intra_op_threads": session_options.intra_op_num_threads or "auto",
             "onnxruntime": ort.__version__,
         }
 
@@ -214,6 +218,14 @@ def _compact(parameters: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in parameters.items() if v not in (None, [], {}, "")}
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -227,8 +239,13 @@ def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
     spin = "1" if options.spin_wait else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    if options.intra_op_threads is not None:
-        so.intra_op_num_threads = options.intra_op_threads
+    for key, value in options.session_config.items():
+        so.add_session_config_entry(key, value)
+    threads = options.intra_op_threads
+    if threads is None and options.concurrent_runs > 1:
+        threads = max(1, usable_cores() // options.concurrent_runs)
+    if threads is not None:
+        so.intra_op_num_threads = threads
     if options.inter_op_threads is not None:
         so.inter_op_num_threads = options.inter_op_threads
         if options.inter_op_threads > 1:

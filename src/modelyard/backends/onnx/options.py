@@ -22,11 +22,18 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     providers: Literal["auto"] | list[str] = "auto"
     #: Per-provider options, e.g. ``{CUDA = {device_id = 1}, CoreML = {MLComputeUnits = "ALL"}}``.
     provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
-    #: Threads inside one operator; None lets onnxruntime pick (one per physical core).
+    #: Threads inside one operator; None lets onnxruntime pick (one per physical core), or,
+    #: with ``concurrent_runs`` > 1, the usable cores divided among the runs.
     intra_op_threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
+    #: Batches the engine may run at once on the one session (Triton's instance count).
+    #: Generation tasks always run one at a time.
+    concurrent_runs: Annotated[int, Meta(ge=1, le=256)] = 1
     #: Threads running independent operators in parallel; None lets onnxruntime pick.
     inter_op_threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
     graph_optimization: GraphOptimization = "all"
+    #: Extra onnxruntime session config entries (``SessionOptions.add_session_config_entry``),
+    #: e.g. ``{"session.dynamic_block_base" = "4"}``; applied after modelyard's own.
+    session_config: dict[str, str] = msgspec.field(default_factory=dict)
     #: Let onnxruntime's worker threads busy-wait for work. Off by default: a server shares
     #: its cores with the event loop and tokenisers, and spinning threads starve them.
     spin_wait: bool = False
