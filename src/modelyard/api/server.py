@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from types import FrameType
 
@@ -46,4 +47,20 @@ def serve(app: Litestar, service: InferenceService, server: ServerSettings) -> N
         timeout_graceful_shutdown=max(1, round(server.shutdown_grace_s)), access_log=False,
         lifespan="on", log_config=None,  # uvicorn's lines go through our (JSON) root handler
     )
+    tune_gc()
     DrainingServer(config, service).run()
+
+
+def tune_gc() -> None:
+    """Collect less often, and never again walk what startup built.
+
+    A request allocates a few hundred short-lived objects; at Python's default threshold (700)
+    the collector runs every few requests and, every tenth time, walks the older generation
+    holding everything imported at startup. ``gc.freeze`` moves those objects out of the
+    collector's view and a larger first threshold batches the young collections: on a 2-core
+    machine this cut the server's CPU per request by about 12 % (bench/onnx_embeddings.py).
+    Cycles are still collected; memory held by young garbage stays bounded by the threshold.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
