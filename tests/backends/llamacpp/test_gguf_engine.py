@@ -208,6 +208,22 @@ async def test_batches_are_ordered_by_sequence_id_whatever_order_slots_free_up(
         assert ids == sorted(ids), ids
 
 
+async def test_newcomers_take_the_lowest_free_ids_so_active_ids_stay_consecutive(
+    engine_for: Any,
+) -> None:
+    # With a KV stream per sequence llama.cpp puts only consecutive ids in one micro-batch:
+    # after 8 sequences free up in scrambled order, 4 newcomers must get 0-3, not 4 ids at random.
+    runtime = FakeRuntime(slots=8)
+    engine = engine_for(runtime)
+    first = [engine.submit([0], GREEDY, n) for n in (7, 2, 9, 1, 5, 3, 8, 4)]
+    await asyncio.gather(*(collect(g) for g in first))
+    runtime.batches.clear()
+    second = [engine.submit([0, 1], GREEDY, 6) for _ in range(4)]
+    await asyncio.gather(*(collect(g) for g in second))
+    used = {seq for batch in runtime.batches for seq, *_ in batch}
+    assert used == {0, 1, 2, 3}
+
+
 async def test_a_newcomers_prompt_is_fed_in_chunks_between_running_decodes(engine_for: Any) -> None:
     runtime = FakeRuntime(slots=2, n_batch=64, step_cost_s=0.001)
     engine = engine_for(runtime, prefill_chunk=8)

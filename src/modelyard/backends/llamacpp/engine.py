@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import heapq
 import logging
 import math
 import queue
@@ -142,7 +143,10 @@ class _Scheduler:
         self.loop = loop
         self.prefill_chunk = prefill_chunk
         self.normalize = normalize
-        self.free = list(range(runtime.n_seq_max - 1, -1, -1))
+        # A heap: a newcomer takes the lowest free id. With one KV stream per sequence,
+        # llama.cpp puts only consecutive sequence ids into one micro-batch, so {0, 5, 1, 7}
+        # costs a weight pass per run of ids each step; the lowest ids keep active ones dense.
+        self.free = list(range(runtime.n_seq_max))
         self.waiting: collections.deque[_Job] = collections.deque()
         self.active: dict[int, _Sequence] = {}
         self.by_job: dict[_Job, _Sequence] = {}
@@ -201,7 +205,7 @@ class _Scheduler:
                 error = BackendError(f"sampler setup failed: {type(exc).__name__}: {exc}")
                 self.outbox.append((job.deliver, error))
                 continue
-            seq = _Sequence(job, self.free.pop(), sampler)
+            seq = _Sequence(job, heapq.heappop(self.free), sampler)
             self.active[seq.seq_id] = seq
             self.by_job[job] = seq
 
@@ -210,7 +214,7 @@ class _Scheduler:
         self.by_job.pop(seq.job, None)
         self.rt.forget(seq.seq_id)
         self.rt.free_sampler(seq.sampler)
-        self.free.append(seq.seq_id)
+        heapq.heappush(self.free, seq.seq_id)
 
     # -- one step ------------------------------------------------------------------------
 
