@@ -31,17 +31,22 @@ async def _backend(path: Path, task: Task | None = None, **options: Any) -> Onnx
 
 
 class _RunCounter:
+    """Rows per session.run, over every session of the version (narrow and wide)."""
+
     def __init__(self, backend: OnnxBackend) -> None:
-        runner = backend._runner
         self.rows: list[int] = []
-        session = runner._session
+        for runner in (backend._runner, backend._wide_runner):
+            if runner is not None:
+                runner._session = self._counting(runner._session)
+
+    def _counting(self, session: Any) -> Any:
         real = session.run
 
         def run(names: Any, feeds: dict[str, Any]) -> Any:
             self.rows.append(len(feeds["input_ids"]))
             return real(names, feeds)
 
-        runner._session = type("S", (), {"run": staticmethod(run)})()
+        return type("S", (), {"run": staticmethod(run)})()
 
 
 async def test_embeddings_equal_direct_onnxruntime_pooling(
@@ -150,10 +155,10 @@ def test_session_config_entries_reach_onnxruntime(tiny_encoder: Path) -> None:
         {"session_config": {"session.dynamic_block_base": "4"}, "intra_op_threads": 3},
         OnnxOptions,
     )
-    so = _session_options(ort, options, locate(tiny_encoder, options.file))
+    so = _session_options(ort, options, locate(tiny_encoder, options.file), 3)
     assert so.get_session_config_entry("session.dynamic_block_base") == "4"
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert so.intra_op_num_threads == 3  # an explicit count wins over concurrent_runs
+    assert so.intra_op_num_threads == 3
 
 
 async def test_classification_ranks_labels_from_config(tiny_classifier: Path) -> None:

@@ -58,9 +58,11 @@ class OnnxBackend(Backend):
         self.options: OnnxOptions = context.options
         # Generations run one after another; batching them would only queue them inside infer.
         self.max_batch_size = 1 if self.task in _GENERATION else self.options.max_batch_size
-        self.concurrent_batches = 1 if self.task in _GENERATION else self.options.concurrent_runs
         self._session: Any = None
         self._runner: Any = None
+        #: Runs a batch that finds no other batch running, on every core (see ``wide_session``).
+        self._wide_runner: Any = None
+        self._running = 0
         self._info = BackendInfo(platform="onnxruntime")
 
     # -- loading ---------------------------------------------------------------------------
@@ -73,12 +75,25 @@ class OnnxBackend(Backend):
             raise ModelLoadError("the onnx backend needs a model path")
         files = locate(self.context.path, self.options.file)
         summary = check_model_file(files.model)
-        session, parameters = self._open_session(files)
         task = self.task or Task.TENSOR
+        layout = _RunLayout.plan(self.options, generation=task in _GENERATION)
+        session, parameters = self._open_session(files, layout.first_threads, save=True)
+        keep_wide = layout.settle(session.get_providers())
+        wide = None
+        if layout.narrow_threads != layout.first_threads:
+            narrow, _ = self._open_session(
+                files, layout.narrow_threads, session.get_providers(), save=False
+            )
+            session, wide = narrow, (session if keep_wide else None)
         runner, extra = _build_runner(task, session, files, self.options)
+        wide_runner = None if wide is None else _build_runner(task, wide, files, self.options)[0]
         from modelyard.backends.onnx.tensor import spec_of
 
-        self._session, self._runner, self.task = session, runner, task
+        self._session, self._runner, self._wide_runner = session, runner, wide_runner
+        self.task, self.concurrent_batches = task, layout.runs
+        parameters["intra_op_threads"] = layout.narrow_threads or "auto"
+        if wide is not None:
+            parameters["wide_session_threads"] = layout.first_threads or "auto"
         self._info = BackendInfo(
             inputs=[spec_of(arg) for arg in session.get_inputs()],
             outputs=[spec_of(arg) for arg in session.get_outputs()],
@@ -97,13 +112,26 @@ class OnnxBackend(Backend):
             platform="onnxruntime",
         )
 
-    def _open_session(self, files: ModelFiles) -> tuple[Any, dict[str, Any]]:
+    def _open_session(
+        self,
+        files: ModelFiles,
+        threads: int | None,
+        providers: list[str] | None = None,
+        *,
+        save: bool,
+    ) -> tuple[Any, dict[str, Any]]:
+        """A session with ``threads`` intra-op threads on the configured providers (with
+        fallback), or exactly on ``providers`` for a second session of the same version;
+        ``save``: write ``optimized_model_path`` (once per version is enough)."""
         import onnxruntime as ort
 
-        plan, warnings = eps.plan_providers(
-            self.options.provider_list, ort.get_available_providers()
-        )
-        session_options = _session_options(ort, self.options, files)
+        if providers is None:
+            plan, warnings = eps.plan_providers(
+                self.options.provider_list, ort.get_available_providers()
+            )
+        else:
+            plan, warnings = list(providers), []
+        session_options = _session_options(ort, self.options, files, threads, save=save)
 
         def open_session(providers: list[str]) -> Any:
             return ort.InferenceSession(
@@ -127,12 +155,11 @@ class OnnxBackend(Backend):
             "requested_providers": self.options.provider_list or "auto",
             "provider_warnings": warnings,
             "graph_optimization": self.options.graph_optimization,
-            "intra_op_threads": session_options.intra_op_num_threads or "auto",
             "onnxruntime": ort.__version__,
         }
 
     async def unload(self) -> None:
-        self._session = self._runner = None
+        self._session = self._runner = self._wide_runner = None
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -144,7 +171,15 @@ class OnnxBackend(Backend):
             raise UnsupportedTaskError(
                 f"model {self.context.model!r} serves {self.task}, not {wrong[0].task}"
             )
-        results: list[InferenceResult] = await asyncio.to_thread(runner.run, batch)
+        if self._wide_runner is not None and self._running == 0 and len(batch) == 1:
+            # A lone request: every core for it. Under load batches hold several requests
+            # and overlap on the narrow session instead, each on its share of the cores.
+            runner = self._wide_runner
+        self._running += 1
+        try:
+            results: list[InferenceResult] = await asyncio.to_thread(runner.run, batch)
+        finally:
+            self._running -= 1
         return results
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamChunk]:
@@ -226,7 +261,65 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
+class _RunLayout:
+    """How many batches run at once, and on which sessions with how many threads each.
+
+    One session serves every run unless several single-core-ish runs share a CPU: then the
+    runs go to a *narrow* session (the cores divided among the runs: no barrier between two
+    batches, so the event loop taking a core slows one run, not all of them), and a *wide*
+    session with every core serves a batch that finds the model otherwise idle.
+    """
+
+    MAX_AUTO_RUNS = 4
+
+    def __init__(self, options: OnnxOptions, generation: bool, cores: int) -> None:
+        self.options, self.generation, self.cores = options, generation, cores
+        self.runs = 1
+        #: Threads of the session opened first (None: onnxruntime's choice, every core).
+        self.first_threads = options.intra_op_threads
+        #: Threads of the session the concurrent runs share.
+        self.narrow_threads = options.intra_op_threads
+        runs = options.concurrent_runs
+        if not generation and isinstance(runs, int) and runs > 1 and not options.wide_session:
+            # Known before any session opens: open the narrow one directly.
+            self.first_threads = self._narrow_threads(runs)
+
+    @classmethod
+    def plan(cls, options: OnnxOptions, *, generation: bool) -> _RunLayout:
+        return cls(options, generation, usable_cores())
+
+    def _narrow_threads(self, runs: int) -> int:
+        return self.options.intra_op_threads or max(1, self.cores // runs)
+
+    def settle(self, active: list[str]) -> bool:
+        """Fix ``runs`` and ``narrow_threads`` once the first session's providers are known;
+        True when the first session stays on as the wide one."""
+        cpu_only = list(active) == ["CPUExecutionProvider"]
+        self.runs = self._runs(cpu_only)
+        self.narrow_threads = self.first_threads  # one session unless split below
+        if self.runs < 2 or not cpu_only:
+            return False
+        self.narrow_threads = self._narrow_threads(self.runs)
+        if self.narrow_threads == self.first_threads:
+            return False  # the first session already is the narrow one: nothing wider
+        return self.options.wide_session and self.narrow_threads < self.cores
+
+    def _runs(self, cpu_only: bool) -> int:
+        wanted = self.options.concurrent_runs
+        if self.generation:
+            return 1
+        if wanted != "auto":
+            return wanted
+        if not cpu_only or self.cores < 2:
+            return 1
+        if self.options.intra_op_threads:
+            return max(1, self.cores // self.options.intra_op_threads)
+        return min(self.MAX_AUTO_RUNS, self.cores)
+
+
+def _session_options(
+    ort: Any, options: OnnxOptions, files: ModelFiles, threads: int | None, *, save: bool = True
+) -> Any:
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -241,16 +334,13 @@ def _session_options(ort: Any, options: OnnxOptions, files: ModelFiles) -> Any:
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     for key, value in options.session_config.items():
         so.add_session_config_entry(key, value)
-    threads = options.intra_op_threads
-    if threads is None and options.concurrent_runs > 1:
-        threads = max(1, usable_cores() // options.concurrent_runs)
     if threads is not None:
         so.intra_op_num_threads = threads
     if options.inter_op_threads is not None:
         so.inter_op_num_threads = options.inter_op_threads
         if options.inter_op_threads > 1:
             so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-    if options.optimized_model_path:
+    if save and options.optimized_model_path:
         target = Path(options.optimized_model_path).expanduser()
         target = target if target.is_absolute() else files.root / target
         if target.resolve() == files.model.resolve():

@@ -25,9 +25,14 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Threads inside one operator; None lets onnxruntime pick (one per physical core), or,
     #: with ``concurrent_runs`` > 1, the usable cores divided among the runs.
     intra_op_threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
-    #: Batches the engine may run at once on the one session (Triton's instance count).
+    #: Batches the engine may run at once (Triton's instance count). ``"auto"``: on the CPU
+    #: provider, one per usable core up to 4, the cores split among them; elsewhere 1.
     #: Generation tasks always run one at a time.
-    concurrent_runs: Annotated[int, Meta(ge=1, le=256)] = 1
+    concurrent_runs: Annotated[int, Meta(ge=1, le=256)] | Literal["auto"] = "auto"
+    #: With concurrent runs on CPU, keep a second session that uses every core for a batch
+    #: that finds no other batch running, so a lone request is not confined to its share of
+    #: the cores. It holds the model in memory a second time; false saves that.
+    wide_session: bool = True
     #: Threads running independent operators in parallel; None lets onnxruntime pick.
     inter_op_threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
     graph_optimization: GraphOptimization = "all"
