@@ -1,8 +1,8 @@
 """How many batches run at once, on which session, with how many threads.
 
 The layout is pure arithmetic over the options, the usable cores and the active providers;
-the backend tests check that a lone request reaches the wide session and that overlapping
-batches share the narrow one.
+the backend tests check that a batch finding the model idle reaches the wide session and that
+overlapping batches share the narrow one.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def two_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_backend, "usable_cores", lambda: 2)
 
 
-async def test_a_lone_request_runs_on_the_wide_session(
+async def test_a_batch_on_an_idle_model_runs_on_the_wide_session(
     tiny_encoder: Path, two_cores: None
 ) -> None:
     backend = await _backend(tiny_encoder)
@@ -129,28 +129,30 @@ async def test_a_lone_request_runs_on_the_wide_session(
     assert backend._runner._session.get_session_options().intra_op_num_threads == 1
     recorder = _Recorder(backend)
     (result,) = await backend.infer([EmbeddingRequest(("a lone cat",))])
-    assert recorder.used == ["wide"] and len(result.embeddings[0]) == 32  # type: ignore[union-attr]
+    await backend.infer([EmbeddingRequest(("a cat",)), EmbeddingRequest(("a dog",))])
+    assert recorder.used == ["wide", "wide"]  # one after the other: each found the model idle
+    assert len(result.embeddings[0]) == 32  # type: ignore[union-attr]
 
 
-async def test_batches_of_several_requests_and_overlapping_batches_run_narrow(
+async def test_a_batch_overlapping_another_runs_on_the_narrow_session(
     tiny_encoder: Path, two_cores: None
 ) -> None:
     backend = await _backend(tiny_encoder)
     recorder = _Recorder(backend)
-    await backend.infer([EmbeddingRequest(("a cat",)), EmbeddingRequest(("a dog",))])
-    assert recorder.used == ["narrow"]  # several requests: the model is under load
-
-    recorder.used.clear()
     recorder.hold.clear()
-    first = asyncio.create_task(backend.infer([EmbeddingRequest(("first",))]))
+    first = asyncio.create_task(backend.infer([EmbeddingRequest(("the cat sat",))]))
     assert await asyncio.to_thread(recorder.entered.acquire, timeout=30)
-    second = asyncio.create_task(backend.infer([EmbeddingRequest(("second",))]))
+    second = asyncio.create_task(backend.infer([EmbeddingRequest(("a dog ran",))]))
     assert await asyncio.to_thread(recorder.entered.acquire, timeout=30)
     recorder.hold.set()
-    await asyncio.gather(first, second)
+    (one,), (two,) = await asyncio.gather(first, second)
     # The first found the model idle; the second found the first still running.
     assert recorder.used == ["wide", "narrow"]
     assert backend._running == 0
+    assert one.embeddings != two.embeddings  # each caller got its own answer  # type: ignore[union-attr]
+    recorder.used.clear()
+    await backend.infer([EmbeddingRequest(("third",))])
+    assert recorder.used == ["wide"]  # idle again
 
 
 async def test_without_the_wide_session_everything_runs_narrow(

@@ -171,10 +171,13 @@ class OnnxBackend(Backend):
             raise UnsupportedTaskError(
                 f"model {self.context.model!r} serves {self.task}, not {wrong[0].task}"
             )
-        if self._wide_runner is not None and self._running == 0 and len(batch) == 1:
-            # A lone request: every core for it. Under load batches hold several requests
-            # and overlap on the narrow session instead, each on its share of the cores.
+        if self._wide_runner is not None and self._running == 0:
+            # The model is idle: every core for this batch. Batches that overlap it run on
+            # the narrow session, each on its share of the cores.
             runner = self._wide_runner
+        return await self._run(runner, batch)
+
+    async def _run(self, runner: Any, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
         self._running += 1
         try:
             results: list[InferenceResult] = await asyncio.to_thread(runner.run, batch)
