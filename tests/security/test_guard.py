@@ -16,6 +16,7 @@ from modelyard.api.security import (
     POLICIES,
     Permission,
     Security,
+    assert_checked,
     is_loopback,
     model_allowed,
     policy_for,
@@ -77,7 +78,7 @@ async def make(tmp_path: Path, clocks: Clocks) -> AsyncIterator[Make]:
             audit=AuditLog(tmp_path / "audit.jsonl", clock=clocks.wall),
         )
         app = Litestar(
-            [live, models, chat, swap, unlisted], guards=[security.guard],
+            [live, models, chat, swap, unlisted], before_request=security.before_request,
             middleware=[security.middleware], exception_handlers=exception_handlers,
         )
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.7", 5000)),
@@ -258,3 +259,22 @@ def test_model_scopes_take_patterns() -> None:
     assert model_allowed(scoped, "chat-small") and model_allowed(scoped, "echo")
     assert not model_allowed(scoped, "echo2") and not model_allowed(scoped, "CHAT-x")
     assert model_allowed(Principal(id="all"), "anything")
+
+
+async def test_a_route_with_its_own_before_request_hook_is_refused_at_startup() -> None:
+    """Litestar runs only the closest layer's hook: one of a route's own would skip the check."""
+    security = Security(AuthSettings())
+
+    async def own_hook(request: Request[Any, Any, Any]) -> None:
+        return None
+
+    @get("/v1/plugins", before_request=own_hook)
+    async def plugins() -> None:
+        return None
+
+    shadowed = Litestar([live, plugins], before_request=security.before_request)
+    with pytest.raises(ConfigError, match=r"/v1/plugins \(plugins\) sets its own before_request"):
+        assert_checked(shadowed)
+    with pytest.raises(ConfigError, match="no before_request hook"):
+        assert_checked(Litestar([live]))
+    assert_checked(Litestar([live, models], before_request=security.before_request))

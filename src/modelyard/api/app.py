@@ -18,7 +18,7 @@ from modelyard.api.disconnect import CancelOnDisconnect
 from modelyard.api.observability import MetricsController, RequestTelemetry
 from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
-from modelyard.api.security import BodyLimits, Security, provide_principal
+from modelyard.api.security import BodyLimits, Security, assert_checked, provide_principal
 from modelyard.api.v2 import V2Controller
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
@@ -87,7 +87,7 @@ def create_app(
             "service": Provide(provide_service, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
         },
-        guards=[guard.guard],
+        before_request=guard.before_request,
         exception_handlers=exception_handlers,
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=_openapi(),
@@ -101,6 +101,7 @@ def create_app(
         # Litestar's default config would replace the root handler the CLI set up (JSON lines).
         logging_config=None,
     )
+    assert_checked(app)
     # Around Litestar's whole handler, not in ``middleware``: unrouted requests (404, 405)
     # get a request id and an access line too.
     app.asgi_handler = RequestTelemetry(app.asgi_handler, core.telemetry)
