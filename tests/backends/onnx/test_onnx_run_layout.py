@@ -8,6 +8,7 @@ overlapping batches share the narrow one.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class _Recorder:
 
     def __init__(self, backend: OnnxBackend) -> None:
         self.used: list[str] = []
+        self.threads: list[str] = []
         self.hold = threading.Event()
         self.hold.set()
         self.entered = threading.Semaphore(0)
@@ -106,6 +108,7 @@ class _Recorder:
         class Wrapped:
             def run(self, batch: Any) -> Any:
                 recorder.used.append(name)
+                recorder.threads.append(threading.current_thread().name)
                 recorder.entered.release()
                 recorder.hold.wait(timeout=30)
                 return runner.run(batch)
@@ -153,6 +156,32 @@ async def test_a_batch_overlapping_another_runs_on_the_narrow_session(
     recorder.used.clear()
     await backend.infer([EmbeddingRequest(("third",))])
     assert recorder.used == ["wide"]  # idle again
+
+
+async def test_runs_use_the_versions_own_threads_until_it_unloads(
+    tiny_encoder: Path, two_cores: None
+) -> None:
+    backend = await _backend(tiny_encoder)
+    recorder = _Recorder(backend)
+    recorder.hold.clear()
+    first = asyncio.create_task(backend.infer([EmbeddingRequest(("the cat sat",))]))
+    assert await asyncio.to_thread(recorder.entered.acquire, timeout=30)
+    second = asyncio.create_task(backend.infer([EmbeddingRequest(("a dog ran",))]))
+    assert await asyncio.to_thread(recorder.entered.acquire, timeout=30)
+    recorder.hold.set()
+    await asyncio.gather(first, second)
+    await backend.infer([EmbeddingRequest(("third",))])
+    assert recorder.used == ["wide", "narrow", "wide"]
+    wide, narrow, again = recorder.threads
+    assert re.fullmatch(r"onnx-m-wide_0", wide) and re.fullmatch(r"onnx-m_\d", narrow)
+    assert again == wide  # the wide session always runs on its one warm thread
+    pools = [backend._threads, backend._wide_thread]
+    await backend.unload()
+    for pool in pools:
+        assert pool is not None
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.submit(print)
+    assert backend._threads is None and backend._wide_thread is None
 
 
 async def test_without_the_wide_session_everything_runs_narrow(
