@@ -16,8 +16,8 @@ pytest.importorskip("opentelemetry.sdk")
 from litestar import Litestar, get
 from litestar.di import Provide
 
-from modelyard.api.disconnect import CancelOnDisconnect
-from modelyard.api.observability import MetricsController, RequestTelemetry
+from modelyard.api.exchange import Exchange
+from modelyard.api.observability import MetricsController
 from modelyard.core.logs import ACCESS_LOGGER, current_request
 from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
@@ -32,7 +32,7 @@ SECRET = "my_0123456789abcdef_" + "k" * 43
 @get("/models/{name:str}")
 async def use_model(name: str) -> dict[str, Any]:
     info = current_request()
-    assert info is not None  # shared with this handler's task (CancelOnDisconnect made one)
+    assert info is not None  # shared with this handler's task (Exchange made one)
     info.model, info.version, info.backend = name, "1", "echo"
     info.add_tokens(3, 4)
     return {"request_id": info.request_id}
@@ -52,10 +52,10 @@ async def client(
     service = InferenceService(make_settings(), plugin_host)
     service.telemetry = telemetry  # what the service holds once wired (the integration patch)
     app = Litestar(
-        [use_model, boom, MetricsController], middleware=[CancelOnDisconnect],
+        [use_model, boom, MetricsController],
         dependencies={"service": Provide(lambda: service, sync_to_thread=False)},
     )
-    app.asgi_handler = RequestTelemetry(app.asgi_handler, telemetry)
+    app.asgi_handler = Exchange(app.asgi_handler, telemetry)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://test") as http:
         yield http, telemetry, exporter

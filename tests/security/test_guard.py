@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from litestar import Litestar, Request, get, post
 
+from modelyard.api.exchange import Exchange
 from modelyard.api.problems import exception_handlers
 from modelyard.api.security import (
     POLICIES,
@@ -26,7 +27,9 @@ from modelyard.core.audit import AuditLog
 from modelyard.core.auth import Principal
 from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.errors import ConfigError
+from modelyard.core.metrics import Metrics
 from modelyard.core.ratelimit import RateLimiter
+from modelyard.core.telemetry import Telemetry
 from modelyard.plugins.apikeys import ApiKeyProvider
 
 Clocks = Any  # tests/security/conftest.py: ``.monotonic`` and ``.wall`` fake clocks
@@ -79,7 +82,11 @@ async def make(tmp_path: Path, clocks: Clocks) -> AsyncIterator[Make]:
         )
         app = Litestar(
             [live, models, chat, swap, unlisted], before_request=security.before_request,
-            middleware=[security.middleware], exception_handlers=exception_handlers,
+            exception_handlers=exception_handlers,
+        )
+        app.asgi_handler = Exchange(
+            app.asgi_handler, Telemetry(metrics=Metrics(process=False)),
+            response_hooks=[security.on_response_start],
         )
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.7", 5000)),
                                    base_url="http://testserver")

@@ -14,11 +14,11 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from modelyard import __version__
 from modelyard.api.admin import AdminController
-from modelyard.api.disconnect import CancelOnDisconnect
-from modelyard.api.observability import MetricsController, RequestTelemetry
+from modelyard.api.exchange import Exchange
+from modelyard.api.observability import MetricsController
 from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
-from modelyard.api.security import BodyLimits, Security, assert_checked, provide_principal
+from modelyard.api.security import Security, assert_checked, provide_principal
 from modelyard.api.v2 import V2Controller
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
@@ -92,17 +92,16 @@ def create_app(
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=_openapi(),
         lifespan=[lifespan],
-        middleware=[
-            CancelOnDisconnect, guard.middleware,
-            BodyLimits.factory(settings.limits.body_timeout_s),
-        ],
         state=State(app_state),
         debug=False,
         # Litestar's default config would replace the root handler the CLI set up (JSON lines).
         logging_config=None,
     )
     assert_checked(app)
-    # Around Litestar's whole handler, not in ``middleware``: unrouted requests (404, 405)
-    # get a request id and an access line too.
-    app.asgi_handler = RequestTelemetry(app.asgi_handler, core.telemetry)
+    # One layer around Litestar's whole handler, not in ``middleware``: unrouted requests
+    # (404, 405) get a request id, an access line and the body rules too; see exchange.py.
+    app.asgi_handler = Exchange(
+        app.asgi_handler, core.telemetry, body_timeout_s=settings.limits.body_timeout_s,
+        response_hooks=[guard.on_response_start],
+    )
     return app

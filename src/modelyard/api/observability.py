@@ -1,30 +1,23 @@
-"""HTTP side of observability: request ids, the request span, access lines, ``GET /metrics``."""
+"""HTTP side of observability: the access line, HTTP metrics and span end of each exchange
+(called by :class:`~modelyard.api.exchange.Exchange`), and ``GET /metrics``."""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from litestar import Controller, Request, Response, get
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Scope
 
-from modelyard.core.logs import (
-    ACCESS_LOGGER,
-    RequestInfo,
-    bind_request,
-    release_request,
-    sane_request_id,
-)
+from modelyard.core.logs import ACCESS_LOGGER, RequestInfo
 from modelyard.core.service import InferenceService
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from modelyard.core.telemetry import Telemetry
-    from modelyard.core.tracing import RawHeaders
 
-__all__ = ["MetricsController", "RequestTelemetry"]
+__all__ = ["CLIENT_CLOSED", "MetricsController", "end_request_span", "record_request"]
 
 #: Status recorded when the client went away before any response started (nginx's 499).
 CLIENT_CLOSED = 499
@@ -35,93 +28,44 @@ UNMATCHED_ROUTE = "unmatched"
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 
-class RequestTelemetry:
-    """ASGI wrapper around the whole app (routed or not): one id, span and access line each.
-
-    It wraps Litestar's ``asgi_handler`` rather than sitting in the middleware list, because
-    app middleware only runs for requests that match a route: a 404 or 405 must still get an
-    X-Request-Id and an access line. The :class:`RequestInfo` it binds is shared with the
-    handler's task, so the core can fill in model, version, tokens and cache result.
-    """
-
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
-        self.app = app
-        self.telemetry = telemetry
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # type: ignore[comparison-overlap]
-            await self.app(scope, receive, send)
-            return
-        # A list in every ASGI server (the spec types it as an iterable); read more than once.
-        headers = cast("RawHeaders", scope["headers"])
-        incoming_id, has_traceparent = None, False
-        for name, value in headers:
-            if name == b"x-request-id":
-                incoming_id = value.decode("latin-1")
-            elif name == b"traceparent":
-                has_traceparent = True
-        method, path = scope["method"], scope["path"]  # type: ignore[typeddict-item]
-        info = RequestInfo(sane_request_id(incoming_id), method=method, path=path)
-        request_token = bind_request(info)
-        span, span_token = self.telemetry.tracing.start_request(
-            method, path, headers, has_traceparent=has_traceparent
+def record_request(
+    telemetry: Telemetry, info: RequestInfo, status: int, seconds: float, route: str | None,
+    scope: Scope,
+) -> None:
+    """The HTTP metrics and the access line of one finished exchange."""
+    metrics = telemetry.metrics
+    metrics.http_request(info.method, route or UNMATCHED_ROUTE, status)
+    if info.model:
+        metrics.version(info.model, info.version, info.backend).request(status, seconds)
+    level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+    if access_log.isEnabledFor(level):
+        client = scope.get("client")
+        access_log.log(
+            level, "%s %s %d %.1fms", info.method, info.path, status, seconds * 1000.0,
+            extra=_access_fields(info, status, seconds, route, client[0] if client else ""),
         )
-        id_header = (b"x-request-id", info.request_id.encode("latin-1"))
-        status = 0
-        started = time.perf_counter()
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except BaseException:
-            status = status or 500
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            route = scope.get("path_template")  # set by the router once it matched
-            self._finish(info, status or CLIENT_CLOSED, seconds, route, scope)
-            self._end_span(span, span_token, info, status or CLIENT_CLOSED, route)
-            release_request(request_token)
-
-    def _finish(
-        self, info: RequestInfo, status: int, seconds: float, route: str | None, scope: Scope
-    ) -> None:
-        metrics = self.telemetry.metrics
-        metrics.http_request(info.method, route or UNMATCHED_ROUTE, status)
-        if info.model:
-            metrics.version(info.model, info.version, info.backend).request(status, seconds)
-        level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
-        if access_log.isEnabledFor(level):
-            client = scope.get("client")
-            access_log.log(
-                level, "%s %s %d %.1fms", info.method, info.path, status, seconds * 1000.0,
-                extra=_access_fields(info, status, seconds, route, client[0] if client else ""),
-            )
-
-    def _end_span(
-        self, span: Span, token: object | None, info: RequestInfo, status: int, route: str | None
-    ) -> None:
-        if not span.is_recording():
-            self.telemetry.tracing.end_request(span, token, method=info.method, status=status,
-                                               route=route, attributes={})
-            return
-        attributes: dict[str, Any] = {
-            "modelyard.request_id": info.request_id,
-            "modelyard.model": info.model, "modelyard.version": info.version,
-            "modelyard.backend": info.backend, "modelyard.cache.result": info.cache,
-            "gen_ai.usage.input_tokens": info.prompt_tokens,
-            "gen_ai.usage.output_tokens": info.completion_tokens,
-        }
-        self.telemetry.tracing.end_request(
-            span, token, method=info.method, status=status, route=route,
-            attributes={k: v for k, v in attributes.items() if v is not None and v != ""},
-        )
+def end_request_span(
+    telemetry: Telemetry, span: Span, token: object | None, info: RequestInfo, status: int,
+    route: str | None,
+) -> None:
+    """End the request span, with what the core learnt about the request as attributes."""
+    if not span.is_recording():
+        telemetry.tracing.end_request(span, token, method=info.method, status=status,
+                                      route=route, attributes={})
+        return
+    attributes: dict[str, Any] = {
+        "modelyard.request_id": info.request_id,
+        "modelyard.model": info.model, "modelyard.version": info.version,
+        "modelyard.backend": info.backend, "modelyard.cache.result": info.cache,
+        "gen_ai.usage.input_tokens": info.prompt_tokens,
+        "gen_ai.usage.output_tokens": info.completion_tokens,
+    }
+    telemetry.tracing.end_request(
+        span, token, method=info.method, status=status, route=route,
+        attributes={k: v for k, v in attributes.items() if v is not None and v != ""},
+    )
 
 
 def _access_fields(

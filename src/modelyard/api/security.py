@@ -1,15 +1,15 @@
-"""Who may call what: authentication, roles, model scopes, rate limits, audit, body timeouts.
+"""Who may call what: authentication, roles, model scopes, rate limits, audit.
 
 One check runs before every route handler (the app's ``before_request`` hook). It looks the
 route up in ``POLICIES`` (a route without a policy is refused), asks the auth providers in
 order, charges the caller's token bucket, checks the role and the model scope, and leaves the
-principal on ``request.state``. One ASGI middleware adds the RateLimit fields to the response
-and audits admin actions with their outcome.
+principal on ``request.state``. A response hook run by the app's ASGI layer
+(:class:`~modelyard.api.exchange.Exchange`) adds the RateLimit fields to the response and
+audits admin actions with their outcome.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
 import logging
@@ -22,9 +22,8 @@ from typing import Any, Literal, cast
 import msgspec
 from litestar import Litestar, Request
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException
 from litestar.routes import HTTPRoute
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Scope
 
 from modelyard.core.audit import AuditLog
 from modelyard.core.auth import AuthProvider, Credentials, Principal
@@ -44,7 +43,6 @@ __all__ = [
     "POLICIES",
     "PUBLIC_PREFIXES",
     "ROLE_PERMISSIONS",
-    "BodyLimits",
     "Permission",
     "Policy",
     "Security",
@@ -213,7 +211,7 @@ def check_bind(settings: AuthSettings, host: str) -> None:
 
 
 class _Context(msgspec.Struct):
-    """What the check leaves for the middleware: RateLimit fields and the audit record."""
+    """What the check leaves for the response hook: RateLimit fields and the audit record."""
 
     principal: str = ""
     client: str = ""
@@ -226,7 +224,8 @@ class _ModelMember(msgspec.Struct):
 
 
 class Security:
-    """The providers, buckets and audit log of one app; ``before_request`` and ``middleware`` use them."""
+    """The providers, buckets and audit log of one app; ``before_request`` and
+    ``on_response_start`` use them."""
 
     def __init__(
         self,
@@ -420,27 +419,15 @@ class Security:
                           client=client, status=403, detail=detail)
         raise ForbiddenError(detail)
 
-    # -- the middleware ------------------------------------------------------------------
+    # -- the response hook -----------------------------------------------------------------
 
-    def middleware(self, app: ASGIApp) -> ASGIApp:
-        """ASGI middleware: RateLimit fields on every guarded response; audit admin actions."""
-
-        async def secured(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":  # type: ignore[comparison-overlap]
-                await app(scope, receive, send)
-                return
-
-            async def send_with_fields(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    state: dict[str, Any] = scope.get("state") or {}
-                    context = state.get(_CONTEXT)
-                    if isinstance(context, _Context):
-                        self._on_response(scope, message, context)
-                await send(message)
-
-            await app(scope, receive, send_with_fields)
-
-        return secured
+    def on_response_start(self, scope: Scope, message: Message) -> None:
+        """Response hook (see :class:`~modelyard.api.exchange.Exchange`): RateLimit fields on
+        every checked response; the audit record of an admin action with its outcome."""
+        state = scope.get("state")
+        context = state.get(_CONTEXT) if state else None
+        if isinstance(context, _Context):
+            self._on_response(scope, message, context)
 
     def _on_response(self, scope: Scope, message: Message, context: _Context) -> None:
         headers = list(cast("Iterable[tuple[bytes, bytes]]", message.get("headers", [])))
@@ -484,62 +471,3 @@ def _too_many(decision: Decision, fields: dict[str, str]) -> RateLimitedError:
         f"{decision.limit.rate:g}/s; retry in {retry_after}s",
         headers={**fields, "Retry-After": str(retry_after)},
     )
-
-
-class BodyLimits:
-    """ASGI middleware for request bodies: one that stalls for ``timeout_s`` gets 408, and
-    a response sent before the body was read closes the connection.
-
-    uvicorn's only slow-client timer is ``timeout_keep_alive`` (idle connections between
-    requests); a client trickling a body would otherwise hold a handler forever. A body left
-    unread (413, 401 before reading, 408) means the connection cannot carry another request:
-    ``Connection: close`` makes uvicorn close it at once, instead of the client sending into
-    it until the keep-alive timer fires.
-    """
-
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
-        self.app = app
-        self.timeout_s = timeout_s
-
-    @classmethod
-    def factory(cls, timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
-        def build(app: ASGIApp) -> ASGIApp:
-            return cls(app, timeout_s)
-
-        return build
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # type: ignore[comparison-overlap]
-            await self.app(scope, receive, send)
-            return
-        pending = _has_body(scope)
-
-        async def timed_receive() -> Any:
-            nonlocal pending
-            if not pending:
-                return await receive()
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    message = await receive()
-            except TimeoutError:
-                raise HTTPException(
-                    status_code=408, detail=f"request body stalled for {self.timeout_s:g}s"
-                ) from None
-            pending = message["type"] == "http.request" and bool(message.get("more_body"))
-            return message
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and (
-                pending or message["status"] in (408, 413)
-            ):
-                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, timed_receive, send_closing)
-
-
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope.get("headers", []):
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return True
-    return False
