@@ -17,7 +17,6 @@ import asyncio
 import resource
 import statistics
 import time
-from typing import Any
 
 import httpx
 

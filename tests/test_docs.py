@@ -26,7 +26,7 @@ def _hookspecs() -> list[object]:
 
 def test_every_hookspec_is_documented_with_its_exact_signature() -> None:
     text = (ROOT / "docs" / "plugins.md").read_text()
-    headings = set(re.findall(r"^### `(.+)`$", text, flags=re.M))
+    headings = set(re.findall(r"^### `(.+)`$", text, flags=re.MULTILINE))
     specs = _hookspecs()
     assert len(specs) >= 6
     missing = [_signature(f) for f in specs if _signature(f) not in headings]
@@ -41,5 +41,5 @@ def test_every_hookspec_has_a_one_line_docstring() -> None:
 
 def test_documented_hooks_all_exist() -> None:
     text = (ROOT / "docs" / "plugins.md").read_text()
-    documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", text, flags=re.M)}
+    documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", text, flags=re.MULTILINE)}
     assert documented == {f.__name__ for f in _hookspecs()}

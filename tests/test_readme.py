@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _bash_blocks() -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
@@ -28,7 +28,7 @@ def test_readme_serve_command_installs_the_demo_and_serves() -> None:
 
 
 def test_readme_config_example_decodes() -> None:
-    block = re.search(r"## Configuration.*?```toml\n(.*?)```", README, flags=re.S)
+    block = re.search(r"## Configuration.*?```toml\n(.*?)```", README, flags=re.DOTALL)
     assert block is not None
     settings = decode_settings(block.group(1), env={})
     assert [m.name for m in settings.models] == ["minilm", "chat", "chat"]

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from modelyard.core.auth import AuthProvider, Credentials, Principal  # noqa: E402
-from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext, NoOptions  # noqa: E402
-from modelyard.core.cache_tier import CacheTier  # noqa: E402
-from modelyard.core.errors import (  # noqa: E402
+from modelyard.core.auth import AuthProvider, Credentials, Principal
+from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext, NoOptions
+from modelyard.core.cache_tier import CacheTier
+from modelyard.core.errors import (
     BackendError,
     BadRequestError,
     ModelLoadError,
     ModelyardError,
 )
-from modelyard.core.hookspecs import hookimpl  # noqa: E402
-from modelyard.core.plugins import PluginUnavailable  # noqa: E402
-from modelyard.core.types import (  # noqa: E402
+from modelyard.core.hookspecs import hookimpl
+from modelyard.core.plugins import PluginUnavailable
+from modelyard.core.types import (
     ChatMessage,
     ChatRequest,
     ClassificationRequest,

@@ -38,7 +38,7 @@ def _settings(config: str | None, host: PluginHost) -> tuple[Settings, bool]:
         settings = load_settings(path)
         resolve_models(settings, host.backends)
         return settings, False
-    from modelyard.demo import demo_settings  # noqa: PLC0415
+    from modelyard.demo import demo_settings
 
     settings, skipped = demo_settings(set(host.backends))
     for line in skipped:
@@ -72,13 +72,13 @@ def serve(
     log_format: str | None, otlp_endpoint: str | None,
 ) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
-    from modelyard.api.app import create_app  # noqa: PLC0415
-    from modelyard.api.security import check_bind  # noqa: PLC0415
-    from modelyard.api.server import serve as run_server  # noqa: PLC0415
-    from modelyard.core.logs import configure_logging  # noqa: PLC0415
-    from modelyard.core.service import InferenceService  # noqa: PLC0415
-    from modelyard.core.telemetry import Telemetry  # noqa: PLC0415
-    from modelyard.core.tracing import Tracing, otlp_provider  # noqa: PLC0415
+    from modelyard.api.app import create_app
+    from modelyard.api.security import check_bind
+    from modelyard.api.server import serve as run_server
+    from modelyard.core.logs import configure_logging
+    from modelyard.core.service import InferenceService
+    from modelyard.core.telemetry import Telemetry
+    from modelyard.core.tracing import Tracing, otlp_provider
 
     plugins = _plugins()
     try:
@@ -116,8 +116,8 @@ def serve(
 
 def prepare_demo_models(settings: Settings) -> None:
     """Prepare every demo model in the foreground with a progress display (cached after)."""
-    from modelyard.core.service import InferenceService  # noqa: PLC0415
-    from modelyard.core.sources import resolve_source  # noqa: PLC0415
+    from modelyard.core.service import InferenceService
+    from modelyard.core.sources import resolve_source
 
     cache_dir = InferenceService.default_cache_dir(settings)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
@@ -163,7 +163,7 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if url:
-        import httpx  # noqa: PLC0415
+        import httpx
 
         try:
             response = httpx.get(url.rstrip("/") + "/admin/models", timeout=10)
@@ -199,7 +199,7 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
 def export_cmd(src_dir: Path, task: str, out_dir: Path, quantize: str | None) -> None:
     """Export a Hugging Face model directory to ONNX with optimum and validate it."""
     try:
-        from modelyard.backends.onnx.export import export_model  # noqa: PLC0415
+        from modelyard.backends.onnx.export import export_model
     except ImportError as exc:
         _fail(f"export needs the 'export' extra (pip install 'modelyard[export]'): {exc}")
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +41,8 @@ async def client(make_settings: Callable[..., Settings], plugin_host: PluginHost
     service = InferenceService(settings, plugin_host)
     app = create_app(settings, plugins=plugin_host, service=service)
     transport = httpx.ASGITransport(app=app)
-    async with _Lifespan(service):
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            yield c
+    async with _Lifespan(service), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
 
 
 class _Lifespan:
@@ -169,6 +169,6 @@ def test_swap_and_rollback_under_concurrent_load_over_real_http(
     with run_live_server(app) as server:
         seen = asyncio.run(scenario(server.url))
     for versions in seen:
-        switches = sum(1 for a, b in zip(versions, versions[1:]) if a != b)
+        switches = sum(1 for a, b in itertools.pairwise(versions) if a != b)
         assert versions[0] == "1" and versions[-1] == "1" and switches == 2, versions
         assert "2" in versions

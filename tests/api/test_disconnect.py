@@ -66,5 +66,5 @@ async def _until(predicate: Callable[[], bool], what: str) -> None:
 
 
 def _cancelled(batcher: object) -> bool:
-    queue = getattr(batcher, "_queue")
+    queue = batcher._queue
     return all(p.future.done() for p in queue)

@@ -38,7 +38,7 @@ def _version_url(name: str, version: str) -> str:
 
 class AdminController(Controller):
     path = "/admin"
-    tags = ["Administration"]
+    tags = ("Administration",)
 
     @get("/models")
     async def models(

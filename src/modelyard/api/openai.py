@@ -224,7 +224,7 @@ def _stream_response(
 
 class OpenAIController(Controller):
     path = "/v1"
-    tags = ["OpenAI"]
+    tags = ("OpenAI",)
 
     @get("/models")
     async def list_models(

@@ -254,7 +254,7 @@ def _index_state(version: ModelVersion) -> tuple[str, str]:
 
 class V2Controller(Controller):
     path = "/v2"
-    tags = ["Open Inference Protocol v2"]
+    tags = ("Open Inference Protocol v2",)
 
     @get("")
     async def server_metadata(self) -> dict[str, Any]:

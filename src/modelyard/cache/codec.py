@@ -48,7 +48,7 @@ _WRAP: dict[type[Any], type[Any]] = {
 }
 
 
-class CorruptValue(Exception):  # noqa: N818
+class CorruptValue(Exception):
     """A stored value that is not one this server wrote (bad MAC, layout or schema)."""
 
 

@@ -47,7 +47,7 @@ class DiskOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     eviction_policy: Literal["least-recently-used", "least-recently-stored"] = "least-recently-used"
 
 
-class UnsafeEntry(Exception):  # noqa: N818 - reads as what was found
+class UnsafeEntry(Exception):
     """A stored row that was not written by this tier as raw bytes (e.g. a pickle)."""
 
 
@@ -78,7 +78,7 @@ class _RawBytesDisk(diskcache.Disk):  # type: ignore[misc]
         return data
 
 
-class CorruptEntry(Exception):  # noqa: N818
+class CorruptEntry(Exception):
     """A value whose header, compression or checksum does not hold up."""
 
 

@@ -24,8 +24,8 @@ from modelyard.core.types import (
 )
 
 __all__ = [
-    "KeyFields",
     "SECRET_FILE",
+    "KeyFields",
     "cache_key",
     "derive_secrets",
     "encode_fields",

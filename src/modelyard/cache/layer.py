@@ -237,7 +237,7 @@ class CacheLayer:
         for index, tier in enumerate(self.tiers):
             try:
                 value = await tier.get(key)
-            except Exception:  # noqa: BLE001 - a failing tier is a miss, never a failed request
+            except Exception:
                 self._stats.tier_errors += 1
                 log.warning("cache tier %s failed on get", tier.name, exc_info=True)
                 continue
@@ -268,7 +268,7 @@ class CacheLayer:
     async def _quietly(self, tier: CacheTier, op: Literal["set", "delete"], *args: bytes) -> None:
         try:
             await getattr(tier, op)(*args)
-        except Exception:  # noqa: BLE001 - the answer is good even if a tier cannot keep it
+        except Exception:
             self._stats.tier_errors += 1
             log.warning("cache tier %s failed on %s", tier.name, op, exc_info=True)
 
@@ -339,7 +339,7 @@ class CacheLayer:
             for tier in self.tiers:
                 try:
                     await tier.clear()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     self._stats.tier_errors += 1
                     log.warning("cache tier %s failed to clear", tier.name, exc_info=True)
 
@@ -379,7 +379,7 @@ class CacheLayer:
         for tier in self.tiers:
             try:
                 await tier.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.warning("cache tier %s failed to close", tier.name, exc_info=True)
 
 

@@ -225,7 +225,7 @@ class Batcher:
         except ModelyardError as exc:
             self._fail_all(batch, exc)
             return
-        except Exception as exc:  # noqa: BLE001 - every member must hear about it
+        except Exception as exc:
             log.exception("backend %r failed a batch of %d", self._backend.name, len(batch))
             self._fail_all(batch, BackendError(f"backend failed: {type(exc).__name__}: {exc}"))
             return

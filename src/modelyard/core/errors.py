@@ -10,9 +10,9 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "ForbiddenError",
+    "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
-    "ModelLoadError",
     "ModelyardError",
     "PayloadTooLargeError",
     "RateLimitedError",
@@ -118,7 +118,7 @@ class ModelNotReadyError(ServiceUnavailableError):
     type_slug = "model-not-ready"
 
 
-class TimeoutError_(ModelyardError):  # noqa: N801 - avoid shadowing the builtin
+class TimeoutError_(ModelyardError):
     status_code = 504
     title = "Gateway Timeout"
     type_slug = "timeout"

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _E = TypeVar("_E", Backend, AuthProvider, CacheTier)
 
 
-class PluginUnavailable(Exception):  # noqa: N818 - reads as a state, like StopIteration
+class PluginUnavailable(Exception):
     """Raised by a registration hook when an optional dependency is missing: skip, not fail."""
 
 
@@ -196,7 +196,7 @@ class PluginHost:
         # An observer that raises must not break the server: report it and carry on.
         try:
             caller(**kwargs)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("a plugin's lifecycle hook raised")
 
 

@@ -186,7 +186,7 @@ class InferenceService:
         except ModelyardError as exc:
             self._failed(version, exc.detail)
             return
-        except Exception as exc:  # noqa: BLE001 - a broken model must never take the server down
+        except Exception as exc:
             log.exception("loading %s:%s failed", spec.name, spec.version)
             self._failed(version, f"{type(exc).__name__}: {exc}")
             return
@@ -275,7 +275,7 @@ class InferenceService:
         if backend is not None:
             try:
                 await backend.unload()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("unloading %s:%s raised", version.name, version.version)
         if version.state != VersionState.FAILED:
             version.progress, version.phase = 0.0, "unloaded"
@@ -602,7 +602,7 @@ class InferenceService:
                 first = None
             except ModelyardError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("stream from %s failed to start", model)
                 raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
         return _prepend(first, chunks)

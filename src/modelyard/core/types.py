@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 __all__ = [
+    "V2_DATATYPES",
     "ChatMessage",
     "ChatRequest",
     "ClassificationRequest",
@@ -31,7 +32,6 @@ __all__ = [
     "TensorRequest",
     "TensorResult",
     "TensorSpec",
-    "V2_DATATYPES",
 ]
 
 
