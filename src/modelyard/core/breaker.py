@@ -397,5 +397,5 @@ class CircuitBreaker:
         if self.on_transition is not None:
             try:
                 self.on_transition(self, old, new)
-            except Exception:
+            except Exception:  # metrics must never break a call
                 log.exception("on_transition callback of %s raised", self.name)

@@ -118,7 +118,7 @@ class ModelNotReadyError(ServiceUnavailableError):
     type_slug = "model-not-ready"
 
 
-class TimeoutError_(ModelyardError):
+class TimeoutError_(ModelyardError):  # avoid shadowing the builtin
     status_code = 504
     title = "Gateway Timeout"
     type_slug = "timeout"

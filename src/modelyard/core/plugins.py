@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _E = TypeVar("_E", Backend, AuthProvider, CacheTier)
 
 
-class PluginUnavailable(Exception):
+class PluginUnavailable(Exception):  # reads as a state, like StopIteration
     """Raised by a registration hook when an optional dependency is missing: skip, not fail."""
 
 

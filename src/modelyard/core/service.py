@@ -186,7 +186,7 @@ class InferenceService:
         except ModelyardError as exc:
             self._failed(version, exc.detail)
             return
-        except Exception as exc:
+        except Exception as exc:  # a broken model must never take the server down
             log.exception("loading %s:%s failed", spec.name, spec.version)
             self._failed(version, f"{type(exc).__name__}: {exc}")
             return

@@ -21,7 +21,7 @@ def resolve_source(source: str, cache_dir: Path, progress: Progress) -> Path:
     if sep and scheme == "pypi":
         return _installed_package_file(rest)
     if sep and scheme == "demo":
-        from modelyard import demo
+        from modelyard import demo  # demo preparation pulls optional packages
 
         return demo.prepare(rest, cache_dir, progress)
     if sep and scheme == "file":
