@@ -8,7 +8,11 @@
    ``all-minilm-l6-v2``, one sentence per POST /v1/embeddings, closed-loop concurrency
    1/8/32 from one asyncio process speaking raw HTTP/1.1 keep-alive (the lightest client);
 3. the ratios: served c32 / bare b32 (target >= 0.85) and lone request p50 vs. bare b1
-   (target <= bare + 2 ms), plus the client's and the server's CPU seconds.
+   (target <= bare + 2 ms), plus the client's and the server's CPU seconds;
+4. the floor of the lone figure: ``bench/floor_server.py``, an empty Litestar app on the same
+   uvicorn answering a fixed embedding, paired with bare calls in turn with modelyard. A
+   server that sat idle through a bare call answers slower than a busy one on this VM (see
+   docs/backends/onnx.md), and the floor shows how much of that any Litestar server pays.
 
 Bare and served rows interleave, ``--repeats`` rounds, and the table shows medians: on a
 small machine other work moves single rows by 10 %, and it should move both sides alike.
@@ -285,27 +289,50 @@ async def served(port: int, texts: list[str], concurrency: int, seconds: float) 
     }
 
 
-async def lone_pairs(port: int, call: Any, texts: list[str], seconds: float) -> list[float]:
-    """Alternate one bare call and one served request, so both meet the same background load.
+async def lone_pairs(
+    ports: dict[str, int], call: Any, texts: list[str], seconds: float
+) -> dict[str, list[float]]:
+    """Before every request one bare call, so each request meets the same background load and
+    finds its server idle for the same time; the servers take turns.
 
-    Returns the p50 of bare, served, and of their per-pair difference (ms).
+    For each server (name -> port): the p50 of bare, of served, and of their per-pair
+    difference (ms).
     """
-    conn = await Connection.open(port)
+    conns = {name: await Connection.open(port) for name, port in ports.items()}
     bodies = [json.dumps({"model": MODEL, "input": t}).encode() for t in texts]
-    bare_ms, served_ms = [], []
-    stop_at = time.perf_counter() + seconds
+    bare_ms: dict[str, list[float]] = {name: [] for name in ports}
+    served_ms: dict[str, list[float]] = {name: [] for name in ports}
+    stop_at = time.perf_counter() + seconds * len(ports)
     i = 0
     while time.perf_counter() < stop_at or i < 20:
-        t = time.perf_counter()
-        call([texts[i % len(texts)]])
-        bare_ms.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        await conn.request("POST", "/v1/embeddings", bodies[i % len(bodies)])
-        served_ms.append((time.perf_counter() - t) * 1000)
+        for name, conn in conns.items():
+            t = time.perf_counter()
+            call([texts[i % len(texts)]])
+            bare_ms[name].append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            status, _ = await conn.request("POST", "/v1/embeddings", bodies[i % len(bodies)])
+            served_ms[name].append((time.perf_counter() - t) * 1000)
+            if status != 200:
+                raise RuntimeError(f"{name} answered {status}")
         i += 1
-    conn.close()
-    diffs = [s - b for s, b in zip(served_ms, bare_ms, strict=True)]
-    return [statistics.median(x) for x in (bare_ms, served_ms, diffs)]
+    for conn in conns.values():
+        conn.close()
+    out = {}
+    for name in ports:
+        diffs = [s - b for s, b in zip(served_ms[name], bare_ms[name], strict=True)]
+        out[name] = [statistics.median(x) for x in (bare_ms[name], served_ms[name], diffs)]
+    return out
+
+
+def start_floor_server() -> tuple[subprocess.Popen[bytes], int]:
+    """bench/floor_server.py: an empty Litestar app on the same uvicorn (the lone floor)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("floor_server.py")), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return proc, port
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -351,8 +378,10 @@ def main() -> None:
     calls = {label: bare_call(model_dir, spin=spin) for label, spin in BARE_VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_server(model_dir, Path(tmp), batching, args.options)
+        floor_proc, floor_port = start_floor_server()
         try:
             asyncio.run(wait_ready(port, proc))
+            asyncio.run(wait_ready(floor_port, floor_proc))
             for _ in range(args.repeats):
                 for n in (1, 8, 32):
                     for label, _spin in BARE_VARIANTS:
@@ -362,10 +391,18 @@ def main() -> None:
                     row = asyncio.run(served(port, texts, n, args.seconds))
                     row["server_cpu"] = server_cpu_s(proc.pid) - cpu0
                     served_runs.setdefault(n, []).append(row)
-            paired = asyncio.run(lone_pairs(port, calls["bare-nospin"], texts, args.seconds))
+            pairs = asyncio.run(
+                lone_pairs(
+                    {"modelyard": port, "floor": floor_port},
+                    calls["bare-nospin"],
+                    texts,
+                    args.seconds,
+                )
+            )
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for p in (proc, floor_proc):
+                p.terminate()
+                p.wait(timeout=30)
 
     bare_rows = {key: _median_pair(runs) for key, runs in bare_runs.items()}
     served_rows = {n: _median_row(runs) for n, runs in served_runs.items()}
@@ -386,6 +423,7 @@ def main() -> None:
         return max(r[0] for r in rows), min(r[1] for r in rows)
 
     ratio = served_rows[32]["rate"] / best(32)[0]
+    paired, floor = pairs["modelyard"], pairs["floor"]
     lone = paired[2]
     verdict = "ok" if ratio >= 0.85 else "MISSED"
     print(f"\nserved c32 / best bare b32: {ratio:.2f}x (target >= 0.85)  {verdict}")
@@ -395,6 +433,11 @@ def main() -> None:
         f"lone request, paired with a bare b1 call each time: served p50 {paired[1]:.2f} ms, "
         f"bare p50 {paired[0]:.2f} ms, p50 of (served - bare) {lone:+.2f} ms "
         f"(target <= +2 ms)  {'ok' if lone <= 2.0 else 'MISSED'}"
+    )
+    print(
+        f"floor, an empty Litestar app on the same uvicorn (no model), paired the same way: "
+        f"round trip p50 {floor[1]:.2f} ms (bare p50 {floor[0]:.2f} ms); "
+        f"modelyard's own share of the lone overhead: {lone - floor[1]:+.2f} ms"
     )
     c32 = served_rows[32]
     per_request_us = c32["client_cpu"] / max(1.0, c32["rate"] * c32["elapsed"]) * 1e6
