@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,6 +14,7 @@ from msgspec import Meta, Struct, field
 from modelyard.core.auth import AuthProvider, Credentials, Principal
 from modelyard.core.auth_settings import ROLES
 from modelyard.core.errors import ConfigError, UnauthorizedError
+from modelyard.plugins._jwks import KeysUnavailable, RemoteJwks, check_url
 
 __all__ = ["JwtOptions", "JwtProvider"]
 
@@ -38,8 +41,25 @@ class JwtOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     #: RS*/PS*/ES*/EdDSA: one PEM public key ...
     public_key_file: str | None = None
     #: ... or a JWKS file; keys are picked by ``kid`` and the file is re-read when it changes,
-    #: so a rotation job only has to rewrite it.
+    #: so a rotation job only has to rewrite it ...
     jwks_file: str | None = None
+    #: ... or a JWKS fetched from this URL ...
+    jwks_url: str | None = None
+    #: ... or from the ``jwks_uri`` of this OIDC issuer's discovery document
+    #: (``{issuer_url}/.well-known/openid-configuration``); tokens' ``iss`` must then equal it
+    #: unless ``issuer`` says otherwise.
+    issuer_url: str | None = None
+    #: Fetching keys: plain http is refused except to loopback hosts, unless this is set.
+    allow_insecure_http: bool = False
+    #: Per request (discovery, key set) as a whole.
+    jwks_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    #: How long a fetched key set is used before it is refetched (less if its
+    #: ``Cache-Control: max-age`` says so).
+    jwks_cache_s: Annotated[float, Meta(ge=0)] = 300.0
+    #: At most one fetch per this many seconds, however many unknown ``kid``s tokens name.
+    jwks_min_refresh_s: Annotated[float, Meta(ge=0)] = 30.0
+    #: While the issuer cannot be reached, an expired key set still answers for this long.
+    jwks_stale_s: Annotated[float, Meta(ge=0)] = 3600.0
     #: Required ``iss`` (recommended).
     issuer: str | None = None
     #: Required ``aud``: the token must name one of these.
@@ -63,11 +83,31 @@ class JwtOptions(Struct, forbid_unknown_fields=True, kw_only=True):
         asymmetric = any(not a.startswith("HS") for a in self.algorithms)
         if symmetric and not (self.secret or self.secret_file):
             raise ValueError("HS* algorithms need secret_file (or secret)")
-        if asymmetric and not (self.public_key_file or self.jwks_file):
-            raise ValueError("RS*/PS*/ES*/EdDSA algorithms need public_key_file or jwks_file")
+        sources = [name for name in _KEY_SOURCES if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError(f"give one key source, not {' and '.join(sources)}")
+        if asymmetric and not sources:
+            raise ValueError(
+                "RS*/PS*/ES*/EdDSA algorithms need public_key_file or jwks_file, "
+                "or jwks_url or issuer_url to fetch the keys"
+            )
+        for name in ("jwks_url", "issuer_url"):
+            url = getattr(self, name)
+            if url:
+                check_url(url, allow_insecure_http=self.allow_insecure_http)
         bad = sorted(set(self.role_map.values()) - set(ROLES))
         if bad:
-            raise ValueError(f"role_map maps to unknown role(s) {bad}; roles are {', '.join(ROLES)}")
+            raise ValueError(
+                f"role_map maps to unknown role(s) {bad}; roles are {', '.join(ROLES)}"
+            )
+
+    @property
+    def expected_issuer(self) -> str | None:
+        """The ``iss`` tokens must carry: ``issuer``, else ``issuer_url``."""
+        return self.issuer or self.issuer_url
+
+
+_KEY_SOURCES = ("public_key_file", "jwks_file", "jwks_url", "issuer_url")
 
 
 class _Jwks:
@@ -100,7 +140,9 @@ class JwtProvider(AuthProvider):
     name = "jwt"
     options_type = JwtOptions
 
-    def __init__(self, options: JwtOptions) -> None:
+    def __init__(
+        self, options: JwtOptions, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(options)
         self.options: JwtOptions = options
         try:
@@ -111,27 +153,46 @@ class JwtProvider(AuthProvider):
             self._jwks = _Jwks(Path(options.jwks_file).expanduser()) if options.jwks_file else None
         except (OSError, jwt.PyJWKError, jwt.PyJWKSetError, ValueError) as exc:
             raise ConfigError(f"jwt provider: {exc}") from None
+        self._remote: RemoteJwks | None = None
+        if options.jwks_url or options.issuer_url:
+            # Fetched on the first token, not here: the provider is built outside the event loop.
+            self._remote = RemoteJwks(
+                jwks_url=options.jwks_url, issuer_url=options.issuer_url,
+                timeout_s=options.jwks_timeout_s, cache_s=options.jwks_cache_s,
+                min_refresh_s=options.jwks_min_refresh_s, stale_s=options.jwks_stale_s,
+                allow_insecure_http=options.allow_insecure_http, clock=clock,
+            )
 
     async def authenticate(self, credentials: Credentials) -> Principal | None:
         token = credentials.token
-        if credentials.scheme.lower() != "bearer" or token.count(".") != 2 or not token.startswith("eyJ"):
+        if credentials.scheme.lower() != "bearer" or token.count(".") != 2:
             return None
-        claims = self._verify(token)
+        if not token.startswith("eyJ"):
+            return None
+        header = self._header(token)
+        key = await self._key(header["alg"], header.get("kid"))
+        claims = self._verify(token, header["alg"], key)
         return self._principal(claims)
 
-    def _verify(self, token: str) -> dict[str, Any]:
-        opts = self.options
+    def _header(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
-            alg = str(header.get("alg", ""))
-            if alg not in opts.algorithms:
-                raise UnauthorizedError(f"token algorithm {alg!r} is not accepted")
-            key = self._key(alg, header.get("kid"))
-            require = set(opts.require) | ({"iss"} if opts.issuer else set()) | (
+        except jwt.PyJWTError:
+            raise UnauthorizedError("token malformed") from None
+        alg = str(header.get("alg", ""))
+        if alg not in self.options.algorithms:
+            raise UnauthorizedError(f"token algorithm {alg!r} is not accepted")
+        return {**header, "alg": alg}
+
+    def _verify(self, token: str, alg: str, key: Any) -> dict[str, Any]:
+        opts = self.options
+        issuer = opts.expected_issuer
+        try:
+            require = set(opts.require) | ({"iss"} if issuer else set()) | (
                 {"aud"} if opts.audience else set()
             )
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=[alg], audience=opts.audience, issuer=opts.issuer,
+                token, key, algorithms=[alg], audience=opts.audience, issuer=issuer,
                 leeway=opts.leeway_s, options={"require": sorted(require)},
             )
         except jwt.ExpiredSignatureError:
@@ -150,16 +211,28 @@ class JwtProvider(AuthProvider):
             raise UnauthorizedError("token malformed") from None
         return claims
 
-    def _key(self, alg: str, kid: object) -> Any:
+    async def _key(self, alg: str, kid: object) -> Any:
         if alg.startswith("HS"):
             # Never an asymmetric public key as an HMAC secret: the classic alg confusion.
             return self._secret
-        if self._jwks is not None:
-            found = self._jwks.find(None if kid is None else str(kid))
-            if found is not None:
-                return found.key
-            if self._public_key is None:
+        kid = None if kid is None else str(kid)
+        if self._remote is not None:
+            try:
+                found = await self._remote.find(kid, alg)
+            except KeysUnavailable:
+                # Fail closed; why the fetch failed (and from where) is in the log only.
+                raise UnauthorizedError("token signing keys unavailable") from None
+            if found is None:
                 raise UnauthorizedError("token signed by an unknown key")
+            return found
+        if self._jwks is not None:
+            try:
+                jwk = self._jwks.find(kid)
+            except jwt.PyJWTError:  # a half-written file mid-rotation, say
+                raise UnauthorizedError("token malformed") from None
+            if jwk is None:
+                raise UnauthorizedError("token signed by an unknown key")
+            return jwk.key
         return self._public_key
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
