@@ -47,10 +47,17 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
 
 
-async def _pass(client: httpx.AsyncClient, prompts: list[str], max_tokens: int) -> tuple[list[float], list[str], list[Any]]:
+async def _pass(
+    client: httpx.AsyncClient, prompts: list[str], max_tokens: int
+) -> tuple[list[float], list[str], list[Any]]:
     latencies, outcomes, answers = [], [], []
     for prompt in prompts:
-        body = {"model": "gemma-3-270m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": "gemma-3-270m",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         t = time.perf_counter()
         r = await client.post("/v1/completions", json=body)
         latencies.append(time.perf_counter() - t)
@@ -78,10 +85,14 @@ async def _bench(url: str, service: InferenceService, prompts: list[str], max_to
         disk, disk_out, disk_answers = await _pass(client, prompts, max_tokens)
         rps, cpu = await _cached_throughput(url, prompts, max_tokens, concurrency=32, total=3000)
         stats = (await client.get("/admin/cache")).json()
-    assert hit_answers == miss_answers and disk_answers == miss_answers, "a hit differs from its miss"
+    assert hit_answers == miss_answers and disk_answers == miss_answers, (
+        "a hit differs from its miss"
+    )
     rows = [("miss (model runs)", miss, miss_out), ("hit, memory tier", hit, hit_out),
             ("hit, disk tier", disk, disk_out)]
-    print(f"gemma-3-270m completion, max_tokens={max_tokens}, {len(prompts)} prompts, HTTP keep-alive")
+    print(
+        f"gemma-3-270m completion, max_tokens={max_tokens}, {len(prompts)} prompts, HTTP keep-alive"
+    )
     print(f"{'':20} {'X-Cache':>8} {'p50 ms':>9} {'p90 ms':>9} {'mean ms':>9}")
     for name, samples, outs in rows:
         label = "/".join(sorted(set(outs)))
@@ -121,10 +132,14 @@ async def _cached_throughput(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--cache-dir", help="where the demo model is prepared (default: user cache)")
+    parser.add_argument(
+        "--cache-dir", help="where the demo model is prepared (default: user cache)"
+    )
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     host = load_plugins()
@@ -149,7 +164,9 @@ def main() -> None:
             asyncio.run(_wait_and_bench(server.url, service, prompts, args.max_tokens))
 
 
-async def _wait_and_bench(url: str, service: InferenceService, prompts: list[str], max_tokens: int) -> None:
+async def _wait_and_bench(
+    url: str, service: InferenceService, prompts: list[str], max_tokens: int
+) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         for _ in range(6000):  # bounded: model preparation and load take seconds, not minutes
             if (await client.get("/v2/health/ready")).status_code == 200:

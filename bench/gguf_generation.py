@@ -177,8 +177,9 @@ def modelyard_command(path: Path, threads: int, workdir: Path) -> list[str]:
 
 
 def llama_cpp_server_command(path: Path, threads: int) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "bench",
-            "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
+            "--model_alias", "bench", "--n_ctx", "2048",
+            "--n_threads", str(threads), "--n_threads_batch", str(threads),
             "--logits_all", "False", "--flash_attn", "False", "--interrupt_requests", "False",
             "--host", "127.0.0.1", "--port", str(free_port())]
 
@@ -247,7 +248,9 @@ async def aggregate(
     async def client(index: int) -> int:
         total = 0
         for r in range(rounds):
-            total += (await one_stream(http, prompts[(index * rounds + r) % len(prompts)], tokens)).tokens
+            total += (
+                await one_stream(http, prompts[(index * rounds + r) % len(prompts)], tokens)
+            ).tokens
         return total
 
     started = time.perf_counter()
@@ -272,7 +275,9 @@ class Contender:
         self.row.single.append(await one_stream(self.http, prompt, tokens))
         self.row.client_cpu_s += time.process_time() - cpu
 
-    async def aggregate(self, concurrency: int, rounds: int, tokens: int, prompts: list[str]) -> None:
+    async def aggregate(
+        self, concurrency: int, rounds: int, tokens: int, prompts: list[str]
+    ) -> None:
         cpu = time.process_time()
         result = await aggregate(self.http, concurrency, rounds, tokens, prompts)
         self.row.aggregate.setdefault(concurrency, []).append(result)
@@ -352,7 +357,8 @@ def report(model: str, args: argparse.Namespace, rows: list[Row]) -> None:
     print()
     print(f"{'modelyard single / bare single:':52}{ours.single_tok_s / base.single_tok_s:5.2f}x")
     for c in LEVELS:
-        print(f"{f'modelyard c={c} aggregate / bare single:':52}{ours.agg(c) / base.single_tok_s:5.2f}x")
+        label = f"modelyard c={c} aggregate / bare single:"
+        print(f"{label:52}{ours.agg(c) / base.single_tok_s:5.2f}x")
     for other, short in ((rows[2], "llama-cpp-python server"), (rows[3], "llama-server")):
         if not other.aggregate:
             continue
@@ -367,7 +373,9 @@ def report(model: str, args: argparse.Namespace, rows: list[Row]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m-instruct"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokens", type=int, default=128)
@@ -378,7 +386,9 @@ def main() -> None:
     parser.add_argument("--llama-server", help="llama.cpp's C++ llama-server binary")
     args = parser.parse_args()
     cpp = find_llama_server(args.llama_server)
-    with_server = not args.skip_llama_cpp_server and importlib.util.find_spec("sse_starlette") is not None
+    with_server = (
+        not args.skip_llama_cpp_server and importlib.util.find_spec("sse_starlette") is not None
+    )
     workdir = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     try:
         for model in args.models:

@@ -17,7 +17,11 @@ def render(name: str, out: Path) -> Path:
     """Copy the template to ``out``, substituting ``$name``, ``$package`` and ``$dist``."""
     if not re.fullmatch(r"[a-z][a-z0-9_]{1,40}", name):
         raise SystemExit(f"plugin name {name!r}: use lowercase letters, digits and _")
-    values = {"name": name, "package": f"modelyard_{name}", "dist": f"modelyard-{name.replace('_', '-')}"}
+    values = {
+        "name": name,
+        "package": f"modelyard_{name}",
+        "dist": f"modelyard-{name.replace('_', '-')}",
+    }
     for src in sorted(TEMPLATE.rglob("*")):
         if src.is_dir():
             continue
@@ -31,7 +35,9 @@ def render(name: str, out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="backend name used in config (backend = NAME)")
+    parser.add_argument(
+        "--name", required=True, help="backend name used in config (backend = NAME)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="directory to create")
     args = parser.parse_args()
     path = render(args.name, args.out)

@@ -52,7 +52,9 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pickletools, "optimize", refuse)
 
 
-async def test_round_trip_small_and_large_values_without_pickle(tmp_path: Path, no_pickle: None) -> None:
+async def test_round_trip_small_and_large_values_without_pickle(
+    tmp_path: Path, no_pickle: None
+) -> None:
     tier = _tier(tmp_path / "d")
     await tier.set(_key(1), SMALL)
     await tier.set(_key(2), LARGE)
@@ -122,7 +124,9 @@ async def test_evicts_by_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 4, 6, 14, 30, 60, -1], ids=lambda o: f"byte{o}")
-async def test_a_flipped_byte_in_the_row_is_a_miss_and_is_removed(tmp_path: Path, offset: int) -> None:
+async def test_a_flipped_byte_in_the_row_is_a_miss_and_is_removed(
+    tmp_path: Path, offset: int
+) -> None:
     tier = _tier(tmp_path / "d")
     await tier.set(_key(1), SMALL)
     rowid, _, _, value = _row(tmp_path / "d", _key(1))  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""CacheLayer: read-through and promotion, coalescing, keys per version and tenant, purge, streams."""
+"""CacheLayer: read-through, promotion, coalescing, keys per version and tenant, purge, streams."""
 
 from __future__ import annotations
 
@@ -302,7 +302,9 @@ async def test_the_secret_separates_servers() -> None:
 # -- purge ----------------------------------------------------------------------------------
 
 
-async def test_purging_a_model_orphans_its_entries_only_and_survives_a_restart(tmp_path: Path) -> None:
+async def test_purging_a_model_orphans_its_entries_only_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
     memory = MemoryTier(MemoryOptions())
     layer = CacheLayer([memory], secret=SECRET, generations=PurgeGenerations(tmp_path))
     request = CompletionRequest("purge me", GREEDY)

@@ -1,4 +1,4 @@
-"""Failover chains: skip targets that are down, fail over mid-call, 4xx at once, 503 when all down."""
+"""Failover chains: skip down targets, fail over mid-call, 4xx at once, 503 when all down."""
 
 from __future__ import annotations
 

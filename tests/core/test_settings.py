@@ -127,13 +127,20 @@ def test_env_overrides_default_to_the_process_environment(
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"MODELYARD_SERVER__PROT": "1"}, "MODELYARD_SERVER__PROT: server.prot does not name a setting"),
+        (
+            {"MODELYARD_SERVER__PROT": "1"},
+            "MODELYARD_SERVER__PROT: server.prot does not name a setting",
+        ),
         ({"MODELYARD_FOO": "1"}, "MODELYARD_FOO: foo does not name a setting"),
-        ({"MODELYARD_SERVER__PORT__X": "1"},
-         "MODELYARD_SERVER__PORT__X: server.port.x does not name a setting"),
+        (
+            {"MODELYARD_SERVER__PORT__X": "1"},
+            "MODELYARD_SERVER__PORT__X: server.port.x does not name a setting",
+        ),
     ],
 )
-def test_unknown_env_keys_are_errors_naming_the_variable(env: dict[str, str], expected: str) -> None:
+def test_unknown_env_keys_are_errors_naming_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
     assert _config_error({}, env) == expected
 
 

@@ -60,7 +60,9 @@ def test_files_are_private(tmp_path: Path, store: KeyStore) -> None:
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
 
 
-def test_a_copied_database_without_the_secret_checks_nothing(tmp_path: Path, store: KeyStore) -> None:
+def test_a_copied_database_without_the_secret_checks_nothing(
+    tmp_path: Path, store: KeyStore
+) -> None:
     issued = store.create(name="ci", roles=["user"])
     other = KeyStore(store.path, b"x" * 32)
     with pytest.raises(InvalidKey, match="not valid"):

@@ -60,7 +60,9 @@ async def test_a_valid_hs256_token_gives_its_principal() -> None:
     (_claims(exp=None), SECRET, "'exp' claim"),
     (_claims(nbf=int(time.time()) + 3600), SECRET, "not valid yet"),
 ])
-async def test_bad_tokens_are_refused_with_the_reason(claims: dict[str, Any], key: str, reason: str) -> None:
+async def test_bad_tokens_are_refused_with_the_reason(
+    claims: dict[str, Any], key: str, reason: str
+) -> None:
     with pytest.raises(UnauthorizedError, match=reason):
         await _auth(_hs(), jwt.encode(claims, key, algorithm="HS256"))
 
@@ -90,8 +92,9 @@ async def test_other_credentials_are_not_this_providers() -> None:
 async def test_claims_are_configurable_and_roles_mapped() -> None:
     provider = _hs(roles_claim="realm_access.roles", models_claim="scope", tenant_claim="org",
                    role_map={"ml-admins": "admin"})
-    claims = _claims(roles=None, models=None, tenant=None, realm_access={"roles": ["ml-admins", "other"]},
-                     scope="chat-* echo", org="acme")
+    claims = _claims(roles=None, models=None, tenant=None,
+                     realm_access={"roles": ["ml-admins", "other"]}, scope="chat-* echo",
+                     org="acme")
     principal = await _auth(provider, jwt.encode(claims, SECRET, algorithm="HS256"))
     assert principal.roles == {"admin"}  # unknown roles are dropped
     assert principal.model_scopes == {"chat-*", "echo"}
@@ -119,10 +122,16 @@ def _jwks(path: Path, keys: dict[str, rsa.RSAPrivateKey], stamp: int) -> None:
     os.utime(path, ns=(stamp, stamp))  # a distinct mtime, as a rotation job's rewrite has
 
 
-async def test_rs256_with_a_pem_public_key(tmp_path: Path, rsa_keys: list[rsa.RSAPrivateKey]) -> None:
+async def test_rs256_with_a_pem_public_key(
+    tmp_path: Path, rsa_keys: list[rsa.RSAPrivateKey]
+) -> None:
     (tmp_path / "pub.pem").write_bytes(_pem(rsa_keys[0]))
-    provider = JwtProvider(JwtOptions(public_key_file=str(tmp_path / "pub.pem"), issuer=ISS, audience=AUD))
-    assert (await _auth(provider, jwt.encode(_claims(), rsa_keys[0], algorithm="RS256"))).id == "jwt:alice"
+    provider = JwtProvider(
+        JwtOptions(public_key_file=str(tmp_path / "pub.pem"), issuer=ISS, audience=AUD)
+    )
+    assert (
+        await _auth(provider, jwt.encode(_claims(), rsa_keys[0], algorithm="RS256"))
+    ).id == "jwt:alice"
     with pytest.raises(UnauthorizedError, match="signature"):
         await _auth(provider, jwt.encode(_claims(), rsa_keys[1], algorithm="RS256"))
 
@@ -156,6 +165,8 @@ def test_options_are_checked() -> None:
     with pytest.raises(msgspec.ValidationError, match="public_key_file or jwks_file"):
         msgspec.convert({"algorithms": ["RS256"]}, JwtOptions)
     with pytest.raises(msgspec.ValidationError, match="unknown role"):
-        msgspec.convert({"secret": SECRET, "algorithms": ["HS256"], "role_map": {"g": "root"}}, JwtOptions)
+        msgspec.convert(
+            {"secret": SECRET, "algorithms": ["HS256"], "role_map": {"g": "root"}}, JwtOptions
+        )
     with pytest.raises(ConfigError, match="jwt provider"):
         JwtProvider(JwtOptions(public_key_file="/nonexistent/pub.pem"))

@@ -22,7 +22,9 @@ def test_create_list_revoke(tmp_path: Path) -> None:
                    "--expires-in", "30d", "--rate", "2", "--burst", "5", "--json")
     assert created.exit_code == 0, created.output
     info = json.loads(created.stdout)
-    assert info["key"].startswith("my_") and info["roles"] == ["user"] and info["models"] == ["echo"]
+    assert (
+        info["key"].startswith("my_") and info["roles"] == ["user"] and info["models"] == ["echo"]
+    )
     assert info["rate_limit"] == {"rate": 2.0, "burst": 5}
     store = KeyStore.open(ApiKeyOptions(database=db))
     assert store.verify(info["key"]).name == "ci"
@@ -48,7 +50,8 @@ def test_plain_create_prints_only_the_key_on_stdout(tmp_path: Path) -> None:
 def test_bad_input_is_refused(tmp_path: Path) -> None:
     db = str(tmp_path / "k.db")
     runner = CliRunner()
-    assert runner.invoke(keys_cmd, ["--database", db, "create", "--name", "x", "--role", "root"]).exit_code == 2
+    assert runner.invoke(keys_cmd, ["--database", db, "create", "--name", "x",
+                                    "--role", "root"]).exit_code == 2
     assert runner.invoke(keys_cmd, ["--database", db, "create", "--name", "x", "--role", "user",
                                     "--expires-in", "soon"]).exit_code == 2
     assert runner.invoke(keys_cmd, ["--database", db, "create", "--name", "x", "--role", "user",

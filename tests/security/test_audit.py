@@ -15,7 +15,9 @@ def test_events_are_json_lines_with_every_field(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit" / "log.jsonl", clock=lambda: 1_800_000_000.25)
     log.record("model.swap", result="ok", principal="key:0123456789abcdef",
                target="POST /admin/models/echo/swap", client="10.1.2.3", status=200)
-    log.record("auth.failure", result="denied", client="10.1.2.4", status=401, detail="token expired")
+    log.record(
+        "auth.failure", result="denied", client="10.1.2.4", status=401, detail="token expired"
+    )
     lines = (tmp_path / "audit" / "log.jsonl").read_bytes().splitlines()
     first, second = (msgspec.json.decode(line) for line in lines)
     assert first == {

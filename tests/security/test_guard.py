@@ -88,8 +88,10 @@ async def make(tmp_path: Path, clocks: Clocks) -> AsyncIterator[Make]:
             app.asgi_handler, Telemetry(metrics=Metrics(process=False)),
             response_hooks=[security.on_response_start],
         )
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.7", 5000)),
-                                   base_url="http://testserver")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("10.0.0.7", 5000)),
+            base_url="http://testserver",
+        )
         clients.append(client)
         return client, security
 
@@ -148,7 +150,9 @@ async def test_roles_decide_and_a_missing_role_is_403(
     for role, statuses in expected.items():
         got = (
             (await client.get("/v1/models", headers=bearer(keys[role]))).status_code,
-            (await client.post("/v1/chat/completions", json=body, headers=bearer(keys[role]))).status_code,
+            (
+                await client.post("/v1/chat/completions", json=body, headers=bearer(keys[role]))
+            ).status_code,
             (await client.post("/admin/models/echo/swap", headers=bearer(keys[role]))).status_code,
         )
         assert got == statuses, role
@@ -191,7 +195,9 @@ async def test_rate_limits_per_role_with_ietf_fields_and_exact_refill(
     clocks.monotonic.advance(0.001)
     assert (await client.get("/v1/models", headers=user)).status_code == 200
     # admin has no entry: not limited; another key has its own bucket
-    assert "ratelimit" not in (await client.get("/v1/models", headers=bearer(keys["admin"]))).headers
+    assert (
+        "ratelimit" not in (await client.get("/v1/models", headers=bearer(keys["admin"]))).headers
+    )
     assert (await client.get("/v1/models", headers=bearer(keys["scoped"]))).status_code == 200
 
 
@@ -200,7 +206,9 @@ async def test_a_keys_own_limit_beats_its_roles(
 ) -> None:
     from modelyard.core.ratelimit import RateLimit
 
-    own = key_provider.store.create(name="batch", roles=["user"], rate_limit=RateLimit(rate=1, burst=1))
+    own = key_provider.store.create(
+        name="batch", roles=["user"], rate_limit=RateLimit(rate=1, burst=1)
+    )
     client, _ = make([key_provider], rate_limits={"user": {"rate": 100, "burst": 100}})
     first = await client.get("/v1/models", headers=bearer(own.key))
     assert first.headers["ratelimit-policy"] == '"key";q=1;w=1'

@@ -75,7 +75,8 @@ def _auth_table(tmp_path: Path, **extra: Any) -> dict[str, Any]:
         "providers": [
             {"provider": "apikeys", "options": {"database": str(tmp_path / "keys.sqlite3")}},
             {"provider": "jwt", "options": {"algorithms": ["HS256"], "secret": JWT_SECRET,
-                                            "issuer": "https://sso.test/", "audience": "modelyard"}},
+                                            "issuer": "https://sso.test/",
+                                            "audience": "modelyard"}},
         ],
         "audit_log": str(tmp_path / "audit.jsonl"),
         **extra,
@@ -157,9 +158,13 @@ async def test_every_route_has_a_policy_and_the_role_matrix_holds(secured: Any) 
             if allowed == (status == 403) or status == 401:
                 failures.append(f"{method} {template}: {role} got {status}")
             if policy.model is not None:
-                status = await _call(api, method, template, OUT_OF_SCOPE, api.keys[f"scoped-{role}"])
+                status = await _call(
+                    api, method, template, OUT_OF_SCOPE, api.keys[f"scoped-{role}"]
+                )
                 if status != 403:
-                    failures.append(f"{method} {template}: scoped {role} on {OUT_OF_SCOPE} got {status}")
+                    failures.append(
+                        f"{method} {template}: scoped {role} on {OUT_OF_SCOPE} got {status}"
+                    )
     assert not failures, "\n".join(failures)
 
 
@@ -172,7 +177,9 @@ async def test_models_outside_a_keys_scopes_are_invisible(secured: Any) -> None:
         IN_SCOPE, OUT_OF_SCOPE}
     index = (await api.client.post("/v2/repository/index", headers=scoped)).json()
     assert {row["name"] for row in index} == {IN_SCOPE}
-    admin_view = (await api.client.get("/admin/models", headers=bearer(api.keys["scoped-viewer"]))).json()
+    admin_view = (
+        await api.client.get("/admin/models", headers=bearer(api.keys["scoped-viewer"]))
+    ).json()
     assert [m["name"] for m in admin_view["models"]] == [IN_SCOPE]
     hidden = await api.client.get(f"/v2/models/{OUT_OF_SCOPE}", headers=scoped)
     assert hidden.status_code == 403
@@ -181,19 +188,27 @@ async def test_models_outside_a_keys_scopes_are_invisible(secured: Any) -> None:
 async def test_inference_works_end_to_end_with_a_key_and_with_a_jwt(secured: Any) -> None:
     api = await secured()
     body = {"model": IN_SCOPE, "messages": [{"role": "user", "content": "hi"}]}
-    answer = await api.client.post("/v1/chat/completions", json=body, headers=bearer(api.keys["scoped-user"]))
+    answer = await api.client.post(
+        "/v1/chat/completions", json=body, headers=bearer(api.keys["scoped-user"])
+    )
     assert answer.status_code == 200, answer.text
     now = int(time.time())
-    token = jwt.encode({"sub": "alice", "iss": "https://sso.test/", "aud": "modelyard", "exp": now + 60,
-                        "roles": ["user"], "models": [IN_SCOPE]}, JWT_SECRET, algorithm="HS256")
-    assert (await api.client.post("/v1/chat/completions", json=body, headers=bearer(token))).status_code == 200
+    token = jwt.encode({"sub": "alice", "iss": "https://sso.test/", "aud": "modelyard",
+                        "exp": now + 60, "roles": ["user"], "models": [IN_SCOPE]},
+                       JWT_SECRET, algorithm="HS256")
+    assert (
+        await api.client.post("/v1/chat/completions", json=body, headers=bearer(token))
+    ).status_code == 200
     other = await api.client.post("/v1/chat/completions", json={**body, "model": OUT_OF_SCOPE},
                                   headers=bearer(token))
     assert other.status_code == 403
     expired = jwt.encode({"sub": "alice", "iss": "https://sso.test/", "aud": "modelyard",
                           "exp": now - 3600, "roles": ["user"]}, JWT_SECRET, algorithm="HS256")
     refused = await api.client.get("/v1/models", headers=bearer(expired))
-    assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["www-authenticate"]
+    assert (
+        refused.status_code == 401
+        and 'error="invalid_token"' in refused.headers["www-authenticate"]
+    )
     assert "token expired" in refused.json()["detail"]
 
 
@@ -267,13 +282,19 @@ async def test_request_limits_are_422(secured: Any) -> None:
     def chat(content: str, **extra: Any) -> dict[str, Any]:
         return {"model": "echo", "messages": [{"role": "user", "content": content}], **extra}
 
-    assert (await api.client.post("/v1/chat/completions", json=chat("hi", max_tokens=8), headers=user)).status_code == 200
-    too_many = await api.client.post("/v1/chat/completions", json=chat("hi", max_tokens=9), headers=user)
+    assert (
+        await api.client.post("/v1/chat/completions", json=chat("hi", max_tokens=8), headers=user)
+    ).status_code == 200
+    too_many = await api.client.post(
+        "/v1/chat/completions", json=chat("hi", max_tokens=9), headers=user
+    )
     assert too_many.status_code == 422 and "max_tokens 9" in too_many.json()["detail"]
     too_long = await api.client.post("/v1/chat/completions", json=chat("x" * 11), headers=user)
     assert too_long.status_code == 422
     v2 = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x" * 11]}]}
-    assert (await api.client.post("/v2/models/echo/infer", json=v2, headers=user)).status_code == 422
+    assert (
+        await api.client.post("/v2/models/echo/infer", json=v2, headers=user)
+    ).status_code == 422
 
 
 def test_auth_off_refuses_non_loopback_unless_forced(
@@ -282,8 +303,12 @@ def test_auth_off_refuses_non_loopback_unless_forced(
     with pytest.raises(ConfigError, match="without authentication"):
         create_app(make_settings(server={"host": "0.0.0.0"}), plugins=plugin_host)
     create_app(make_settings(server={"host": "127.0.0.1"}), plugins=plugin_host)
-    create_app(make_settings(server={"host": "0.0.0.0"},
-                             auth={"allow_unauthenticated_non_loopback": True}), plugins=plugin_host)
+    create_app(
+        make_settings(
+            server={"host": "0.0.0.0"}, auth={"allow_unauthenticated_non_loopback": True}
+        ),
+        plugins=plugin_host,
+    )
     config = tmp_path / "c.toml"
     config.write_text((ROOT / "examples" / "echo.toml").read_text())
     result = CliRunner().invoke(cli, ["serve", "-c", str(config), "--host", "0.0.0.0"])
@@ -294,7 +319,9 @@ def test_an_unknown_provider_is_a_config_error(
     plugin_host: PluginHost, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(auth={"providers": [{"provider": "ldap"}]})
-    with pytest.raises(ConfigError, match=r"\$\.auth\.providers\[0\]\.provider: unknown auth provider"):
+    with pytest.raises(
+        ConfigError, match=r"\$\.auth\.providers\[0\]\.provider: unknown auth provider"
+    ):
         create_app(settings, plugins=plugin_host)
 
 
@@ -317,7 +344,9 @@ def test_the_keys_cli_reads_the_config_and_audits(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def live_small_body(plugin_host: PluginHost, make_settings: Callable[..., Settings]) -> Iterator[Any]:
+def live_small_body(
+    plugin_host: PluginHost, make_settings: Callable[..., Settings]
+) -> Iterator[Any]:
     settings = make_settings(models=MODELS[:1], server={"max_body_bytes": 2048},
                              limits={"body_timeout_s": 0.5})
     with run_live_server(create_app(settings, plugins=plugin_host)) as server:
@@ -378,8 +407,10 @@ def test_without_a_key_a_large_upload_is_refused_unread(
 ) -> None:
     settings = make_settings(models=MODELS[:1], auth=_auth_table(tmp_path))
     with run_live_server(create_app(settings, plugins=auth_host)) as server:
-        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                "Content-Length: 1000000\r\n\r\n")
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000000\r\n\r\n"
+        )
         raw = _raw(server, head, [])
     assert _status(raw) == 401
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["status"] == 401

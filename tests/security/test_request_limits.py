@@ -25,7 +25,9 @@ LIMITS = msgspec.convert(
 
 
 def test_per_model_entries_override_the_defaults() -> None:
-    assert LIMITS.for_model("small") == RequestLimits(max_tokens=16, max_input_chars=100, max_inputs=4)
+    assert LIMITS.for_model("small") == RequestLimits(
+        max_tokens=16, max_input_chars=100, max_inputs=4
+    )
     assert LIMITS.for_model("other").max_tokens == 256
     assert LimitSettings().for_model("x") == RequestLimits()
 

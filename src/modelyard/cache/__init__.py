@@ -42,7 +42,8 @@ __all__ = [
 
 _HOME = {
     "CacheLayer": "layer", "Outcome": "layer", "PurgeGenerations": "layer",
-    "replay_stream": "layer", "CacheDirective": "config", "CacheSettings": "config", "TierSettings": "config",
+    "replay_stream": "layer", "CacheDirective": "config", "CacheSettings": "config",
+    "TierSettings": "config",
     "DedupTier": "dedup", "DiskOptions": "disk", "DiskTier": "disk", "KeyFields": "keys",
     "is_cacheable": "keys", "weights_digest": "keys", "MemoryOptions": "memory",
     "MemoryTier": "memory", "ResultCodec": "codec", "build_cache_layer": "factory",

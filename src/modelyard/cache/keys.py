@@ -108,7 +108,9 @@ def _normalised_params(params: GenerationParams) -> dict[str, Any]:
         fields[name] = float(fields[name]) + 0.0
     fields["stop"] = sorted(set(params.stop))
     if params.logit_bias is not None:
-        fields["logit_bias"] = sorted((int(k), float(v) + 0.0) for k, v in params.logit_bias.items())
+        fields["logit_bias"] = sorted(
+            (int(k), float(v) + 0.0) for k, v in params.logit_bias.items()
+        )
     return fields
 
 
@@ -117,9 +119,17 @@ def request_fields(request: InferenceRequest) -> tuple[str, bytes, bytes]:
     enc = _encoder()
     if isinstance(request, ChatRequest):
         messages = [(m.role, m.content) for m in request.messages]
-        return request.task.value, enc.encode(_normalised_params(request.params)), enc.encode(messages)
+        return (
+            request.task.value,
+            enc.encode(_normalised_params(request.params)),
+            enc.encode(messages),
+        )
     if isinstance(request, CompletionRequest):
-        return request.task.value, enc.encode(_normalised_params(request.params)), enc.encode(request.prompt)
+        return (
+            request.task.value,
+            enc.encode(_normalised_params(request.params)),
+            enc.encode(request.prompt),
+        )
     if isinstance(request, EmbeddingRequest):
         return request.task.value, enc.encode(None), enc.encode(request.inputs)
     if isinstance(request, ClassificationRequest):

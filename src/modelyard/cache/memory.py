@@ -36,7 +36,9 @@ class MemoryTier(CacheTier):
     name = "memory"
     options_type = MemoryOptions
 
-    def __init__(self, options: MemoryOptions, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, options: MemoryOptions, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(options)
         self._entries: cachetools.Cache[bytes, bytes]
         if options.ttl_s is None:

@@ -49,7 +49,8 @@ class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
         for name in self.rate_limits:
             if name not in known:
                 raise ValueError(
-                    f"rate_limits: unknown role {name!r}; expected one of {', '.join(sorted(known))}"
+                    f"rate_limits: unknown role {name!r}; "
+                    f"expected one of {', '.join(sorted(known))}"
                 )
         for role in self.anonymous_roles:
             if role not in ROLES:

@@ -159,7 +159,9 @@ class Batcher:
     async def _wait_for_company(self) -> None:
         if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
             return
-        await self._wait_for_depth(self.max_batch_size, self._queue[0].enqueued_at + self.max_queue_delay_s)
+        await self._wait_for_depth(
+            self.max_batch_size, self._queue[0].enqueued_at + self.max_queue_delay_s
+        )
 
     async def _wait_for_refill(self, last_batch: int) -> None:
         """After a batch of k, briefly wait for k requests before running fewer.

@@ -91,7 +91,7 @@ def new_request_id() -> str:
 
 
 def sane_request_id(incoming: str | None) -> str:
-    """The caller's X-Request-Id when it is a plain token of at most 128 characters, else a new one."""
+    """The caller's X-Request-Id if it is a plain token of at most 128 chars, else a new one."""
     if incoming and _SANE_ID.match(incoming):
         return incoming
     return new_request_id()
@@ -202,7 +202,9 @@ class TextFormatter(logging.Formatter):
         finally:
             delattr(record, "rid")
         fields = " ".join(
-            f"{k}={_clean(v)}" for k, v in _extras(record).items() if k != "rid" and v not in (None, "")
+            f"{k}={_clean(v)}"
+            for k, v in _extras(record).items()
+            if k != "rid" and v not in (None, "")
         )
         return redact(f"{text} {fields}" if fields else text)
 

@@ -125,7 +125,9 @@ class TensorRequest(Struct, frozen=True, tag="tensor"):
     task: Task = Task.TENSOR
 
 
-InferenceRequest = ChatRequest | CompletionRequest | EmbeddingRequest | ClassificationRequest | TensorRequest
+InferenceRequest = (
+    ChatRequest | CompletionRequest | EmbeddingRequest | ClassificationRequest | TensorRequest
+)
 
 
 class GenerationResult(Struct, frozen=True):

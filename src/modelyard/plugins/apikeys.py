@@ -109,7 +109,9 @@ class KeyStore:
     commit, so a revocation by the CLI applies to a running server's next request); changes
     open their own."""
 
-    def __init__(self, path: Path, secret: bytes, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, secret: bytes, *, clock: Callable[[], float] = time.time
+    ) -> None:
         if len(secret) < 32:
             raise ConfigError("the API key secret must be at least 32 bytes")
         self.path = path
@@ -119,7 +121,9 @@ class KeyStore:
         with self._connect() as db:
             db.execute(_SCHEMA)
         # Opening a connection costs more than the lookup itself; checks run in worker threads.
-        self._reader = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        self._reader = sqlite3.connect(
+            path, timeout=10, check_same_thread=False, isolation_level=None
+        )
         self._reader_lock = threading.Lock()
 
     @classmethod
@@ -238,7 +242,9 @@ def _record(row: tuple[object, ...]) -> ApiKeyRecord:
         roles=tuple(msgspec.json.decode(str(roles), type=list[str])),
         models=None if models is None else tuple(msgspec.json.decode(str(models), type=list[str])),
         tenant=str(tenant),
-        rate_limit=None if rate_limit is None else msgspec.json.decode(str(rate_limit), type=RateLimit),
+        rate_limit=(
+            None if rate_limit is None else msgspec.json.decode(str(rate_limit), type=RateLimit)
+        ),
         created_at=float(created),  # type: ignore[arg-type]
         expires_at=None if expires is None else float(expires),  # type: ignore[arg-type]
         revoked_at=None if revoked is None else float(revoked),  # type: ignore[arg-type]

@@ -78,12 +78,16 @@ def _expiry(expires_in: str | None) -> float | None:
         return None
     match = _DURATION.match(expires_in)
     if match is None:
-        raise click.BadParameter("use a number and a unit: 90m, 12h, 30d, 8w", param_hint="--expires-in")
+        raise click.BadParameter(
+            "use a number and a unit: 90m, 12h, 30d, 8w", param_hint="--expires-in"
+        )
     return time.time() + int(match["n"]) * _UNIT_S[match["unit"]]
 
 
 @keys_cmd.command("create")
-@click.option("--name", required=True, help="What the key is for (shown in lists and the audit log).")
+@click.option(
+    "--name", required=True, help="What the key is for (shown in lists and the audit log)."
+)
 @click.option("--role", "roles", multiple=True, required=True, type=click.Choice(ROLES),
               help="A role (repeatable).")
 @click.option("--model", "models", multiple=True,
@@ -109,8 +113,13 @@ def create_cmd(
         name=name, roles=roles, models=models or None, tenant=tenant,
         expires_at=_expiry(expires_in), rate_limit=limit,
     )
-    obj.audit.record("key.create", result="ok", principal=_actor(), target=f"key:{issued.record.id}",
-                     detail=f"name={name} roles={','.join(issued.record.roles)}")
+    obj.audit.record(
+        "key.create",
+        result="ok",
+        principal=_actor(),
+        target=f"key:{issued.record.id}",
+        detail=f"name={name} roles={','.join(issued.record.roles)}",
+    )
     if as_json:
         click.echo(msgspec.json.encode({"key": issued.key, **msgspec.to_builtins(issued.record)}))
         return
@@ -155,7 +164,9 @@ def revoke_cmd(obj: _Context, key_id: str) -> None:
     try:
         record = obj.store.revoke(key_id)
     except KeyError:
-        obj.audit.record("key.revoke", result="not-found", principal=_actor(), target=f"key:{key_id}")
+        obj.audit.record(
+            "key.revoke", result="not-found", principal=_actor(), target=f"key:{key_id}"
+        )
         click.echo(f"error: no key {key_id!r}", err=True)
         sys.exit(1)
     obj.audit.record("key.revoke", result="ok", principal=_actor(), target=f"key:{record.id}")

@@ -132,7 +132,9 @@ class EchoBackend(Backend):
             for text in request.inputs:
                 first = len(text) % len(labels)
                 ranked = [Label(labels[first], 0.9)] + [
-                    Label(lbl, 0.1 / max(1, len(labels) - 1)) for lbl in labels if lbl != labels[first]
+                    Label(lbl, 0.1 / max(1, len(labels) - 1))
+                    for lbl in labels
+                    if lbl != labels[first]
                 ]
                 results.append(ranked[: request.top_k] if request.top_k else ranked)
             return ClassificationResult(labels=results)

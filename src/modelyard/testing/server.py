@@ -33,7 +33,9 @@ def _free_port(host: str) -> int:
 
 
 @contextlib.contextmanager
-def run_live_server(app: Litestar, *, host: str = "127.0.0.1", startup_timeout: float = 30.0) -> Iterator[LiveServer]:
+def run_live_server(
+    app: Litestar, *, host: str = "127.0.0.1", startup_timeout: float = 30.0
+) -> Iterator[LiveServer]:
     """Serve ``app`` until the block ends; waits for the socket to accept, not for a timer."""
     port = _free_port(host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")

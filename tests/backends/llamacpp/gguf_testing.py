@@ -116,7 +116,9 @@ def load_context(path: Path, task: Task | None, **options: Any) -> LoadContext:
 
 
 @contextlib.asynccontextmanager
-async def loaded(path: Path, task: Task | None = Task.COMPLETION, **options: Any) -> AsyncIterator[Any]:
+async def loaded(
+    path: Path, task: Task | None = Task.COMPLETION, **options: Any
+) -> AsyncIterator[Any]:
     """A loaded ``GGUFBackend``, unloaded afterwards.
 
     One thread unless told otherwise: the suite shares two cores with other work, and a

@@ -37,13 +37,25 @@ def models(make_gguf: MakeGGUF, tmp_path_factory: pytest.TempPathFactory) -> lis
     cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
     options = {"n_threads": 1, "n_ctx": 256}
     return [
-        {"name": "tiny", "backend": "gguf", "source": str(tiny), "options": {**options, "parallel": 2}},
+        {
+            "name": "tiny",
+            "backend": "gguf",
+            "source": str(tiny),
+            "options": {**options, "parallel": 2},
+        },
         # One slot, no queue, and a context long enough that a stream outlives any test.
-        {"name": "solo", "backend": "gguf",
-         "source": str(make_gguf("tiny-long", context_length=32768)),
-         "options": {"n_threads": 1, "n_ctx": 32768, "parallel": 1, "max_queue": 0}},
-        {"name": "evil", "backend": "gguf", "source": str(make_gguf("tiny-evil-api", chat_template=EVIL)),
-         "options": options},
+        {
+            "name": "solo",
+            "backend": "gguf",
+            "source": str(make_gguf("tiny-long", context_length=32768)),
+            "options": {"n_threads": 1, "n_ctx": 32768, "parallel": 1, "max_queue": 0},
+        },
+        {
+            "name": "evil",
+            "backend": "gguf",
+            "source": str(make_gguf("tiny-evil-api", chat_template=EVIL)),
+            "options": options,
+        },
         {"name": "cut", "backend": "gguf", "source": str(cut), "required": False},
     ]
 
@@ -96,7 +108,9 @@ def test_openai_sdk_chat_streams_token_by_token(client: openai.OpenAI) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
     assert sum(1 for d in deltas if d) > 1  # more than one piece: streamed, not buffered
-    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0
+    )
     assert "".join(deltas) == whole.choices[0].message.content
     assert whole.usage is not None and whole.usage.completion_tokens == 10
 
@@ -139,7 +153,9 @@ def test_a_disconnected_stream_frees_its_slot(server: LiveServer) -> None:
     asyncio.run(scenario())
 
 
-def test_a_template_reaching_for_python_internals_is_refused(client: openai.OpenAI, server: LiveServer) -> None:
+def test_a_template_reaching_for_python_internals_is_refused(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
     response = httpx.post(
         f"{server.url}/v1/chat/completions",
         json={"model": "evil", "messages": [{"role": "user", "content": "hi"}]}, timeout=30,
@@ -150,7 +166,9 @@ def test_a_template_reaching_for_python_internals_is_refused(client: openai.Open
     assert client.completions.create(model="evil", prompt="hi", max_tokens=3).choices[0].text
 
 
-def test_a_truncated_file_fails_its_version_while_others_serve(server: LiveServer, client: openai.OpenAI) -> None:
+def test_a_truncated_file_fails_its_version_while_others_serve(
+    server: LiveServer, client: openai.OpenAI
+) -> None:
     state = httpx.get(f"{server.url}/admin/models").json()
     cut = next(m for m in state["models"] if m["name"] == "cut")["versions"][0]
     assert cut["state"] == "failed"

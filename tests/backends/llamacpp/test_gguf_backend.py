@@ -27,7 +27,9 @@ GREEDY = GenerationParams(max_tokens=24, temperature=0.0)
 PROMPTS = ["hello world", "the cat sat on the mat", "abc", "dog", "a", "xyz", "on the", "mat"]
 
 
-async def complete(backend: GGUFBackend, prompt: str, params: GenerationParams = GREEDY) -> GenerationResult:
+async def complete(
+    backend: GGUFBackend, prompt: str, params: GenerationParams = GREEDY
+) -> GenerationResult:
     (result,) = await backend.infer([CompletionRequest(prompt, params)])
     assert isinstance(result, GenerationResult), result
     return result
@@ -59,7 +61,9 @@ async def test_metadata_reports_device_slots_context_and_template(tiny_gguf: Pat
         assert (await backend.health()).healthy
 
 
-async def test_a_truncated_file_fails_to_load_with_the_reason(tiny_gguf: Path, tmp_path: Path) -> None:
+async def test_a_truncated_file_fails_to_load_with_the_reason(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[:-1000])
     backend = GGUFBackend(load_context(cut, Task.COMPLETION))
@@ -90,7 +94,9 @@ async def test_greedy_completion_equals_llama_cpp_python(tiny_gguf: Path) -> Non
     theirs = []
     for prompt in PROMPTS[:3]:
         llm.reset()  # no KV prefix reuse: a different batch split changes the numerics
-        theirs.append(llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"])
+        theirs.append(
+            llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+        )
     assert ours == theirs
 
 
@@ -133,7 +139,9 @@ async def test_stop_sequences_cut_the_text_in_infer_and_stream(tiny_gguf: Path) 
         stop = full[10:14]
         params = GenerationParams(max_tokens=24, temperature=0.0, stop=(stop, "never seen"))
         cut = await complete(backend, "the cat sat on the mat", params)
-        chunks = [c async for c in backend.stream(CompletionRequest("the cat sat on the mat", params))]
+        chunks = [
+            c async for c in backend.stream(CompletionRequest("the cat sat on the mat", params))
+        ]
     expected = full[: full.index(stop)]
     assert (cut.text, cut.finish_reason) == (expected, "stop")
     assert "".join(c.text for c in chunks) == expected
@@ -144,7 +152,9 @@ async def test_logit_bias_can_force_the_end_token(tiny_gguf: Path) -> None:
     async with loaded(tiny_gguf) as backend:
         params = GenerationParams(max_tokens=24, temperature=0.0, logit_bias={2: 100.0})
         result = await complete(backend, "hello", params)
-        (refused,) = await backend.infer([CompletionRequest("hi", GenerationParams(logit_bias={99999: 1.0}))])
+        (refused,) = await backend.infer(
+            [CompletionRequest("hi", GenerationParams(logit_bias={99999: 1.0}))]
+        )
     assert isinstance(refused, BadRequestError)
     assert "logit_bias: token id 99999 is outside the vocabulary" in refused.detail
     assert (result.text, result.finish_reason, result.completion_tokens) == ("", "stop", 0)
@@ -156,8 +166,14 @@ async def test_sampling_parameters(tiny_gguf: Path) -> None:
 
     async with loaded(tiny_gguf) as backend:
         greedy = (await complete(backend, "dog")).text
-        same_seed = [(await complete(backend, "dog", sampled(temperature=1.5, seed=7))).text for _ in range(2)]
-        other_seeds = {(await complete(backend, "dog", sampled(temperature=1.5, seed=s))).text for s in range(4)}
+        same_seed = [
+            (await complete(backend, "dog", sampled(temperature=1.5, seed=7))).text
+            for _ in range(2)
+        ]
+        other_seeds = {
+            (await complete(backend, "dog", sampled(temperature=1.5, seed=s))).text
+            for s in range(4)
+        }
         top_k_1 = (await complete(backend, "dog", sampled(temperature=1.0, top_k=1, seed=3))).text
         top_p = (await complete(backend, "dog", sampled(temperature=1.0, top_p=1e-6, seed=3))).text
         penalised = (await complete(backend, "dog", sampled(temperature=0.0, presence_penalty=2.0,
@@ -170,8 +186,12 @@ async def test_sampling_parameters(tiny_gguf: Path) -> None:
 
 async def test_a_prompt_longer_than_a_slot_is_refused(tiny_gguf: Path) -> None:
     async with loaded(tiny_gguf, n_ctx=256) as backend:
-        (refused,) = await backend.infer([CompletionRequest("the cat sat on the mat " * 30, GREEDY)])
-        with pytest.raises(BadRequestError, match=r"prompt is \d+ tokens; this model's context holds 256"):
+        (refused,) = await backend.infer(
+            [CompletionRequest("the cat sat on the mat " * 30, GREEDY)]
+        )
+        with pytest.raises(
+            BadRequestError, match=r"prompt is \d+ tokens; this model's context holds 256"
+        ):
             await anext(backend.stream(CompletionRequest("the cat sat on the mat " * 30, GREEDY)))
     assert isinstance(refused, BadRequestError)
 
@@ -192,7 +212,9 @@ async def test_chat_renders_the_models_template(tiny_gguf: Path) -> None:
     assert (chat.text, chat.prompt_tokens) == (raw.text, raw.prompt_tokens)
 
 
-async def test_a_template_reaching_for_python_internals_renders_nothing(make_gguf: MakeGGUF) -> None:
+async def test_a_template_reaching_for_python_internals_renders_nothing(
+    make_gguf: MakeGGUF,
+) -> None:
     evil = make_gguf(
         "tiny-evil",
         chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}"
@@ -207,7 +229,9 @@ async def test_a_template_reaching_for_python_internals_renders_nothing(make_ggu
     assert "<class" not in refused.detail  # nothing from Python's internals came back
 
 
-async def test_a_template_that_rejects_the_conversation_is_a_bad_request(make_gguf: MakeGGUF) -> None:
+async def test_a_template_that_rejects_the_conversation_is_a_bad_request(
+    make_gguf: MakeGGUF,
+) -> None:
     strict = make_gguf(
         "tiny-strict",
         chat_template="{% if messages[0].role != 'system' %}"
@@ -246,7 +270,9 @@ async def test_embeddings_are_pooled_unit_vectors(make_gguf: MakeGGUF) -> None:
     assert isinstance(result, EmbeddingResult)
     assert [len(v) for v in result.embeddings] == [64, 64, 64]
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-5) for v in result.embeddings)
-    llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), embedding=True, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False
+    )
     reference = llm.embed(list(texts), normalize=True)
     for ours, theirs in zip(result.embeddings, reference, strict=True):
         assert sum(a * b for a, b in zip(ours, theirs, strict=True)) > 0.999

@@ -305,7 +305,9 @@ async def test_a_request_whose_sampler_cannot_be_built_fails_alone(engine_for: A
     runtime = FakeRuntime()
     engine = engine_for(runtime)
     runtime.refuse_sampler = True
-    with pytest.raises(BackendError, match="sampler setup failed: RuntimeError: no sampler for you"):
+    with pytest.raises(
+        BackendError, match="sampler setup failed: RuntimeError: no sampler for you"
+    ):
         await collect(engine.submit([0], GREEDY, 3))
     runtime.refuse_sampler = False
     assert text_of(await collect(engine.submit([0], GREEDY, 2))) == "bc"

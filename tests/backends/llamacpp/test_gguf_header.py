@@ -12,7 +12,9 @@ from modelyard.backends.llamacpp.header import read_header
 from modelyard.core.errors import ModelLoadError
 
 
-def test_reads_architecture_context_quantisation_template_and_special_tokens(tiny_gguf: Path) -> None:
+def test_reads_architecture_context_quantisation_template_and_special_tokens(
+    tiny_gguf: Path,
+) -> None:
     header = read_header(tiny_gguf)
     assert header.version == 3
     assert header.architecture == "llama"
@@ -37,7 +39,9 @@ def test_a_truncated_file_names_where_the_data_ends(tiny_gguf: Path, tmp_path: P
     cut = tmp_path / "cut.gguf"
     data = tiny_gguf.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match=r"truncated GGUF file cut\.gguf: tensor data ends at byte"):
+    with pytest.raises(
+        ModelLoadError, match=r"truncated GGUF file cut\.gguf: tensor data ends at byte"
+    ):
         read_header(cut)
 
 

@@ -29,7 +29,9 @@ def test_without_llama_cpp_python_the_plugin_is_skipped_with_the_fix(
 ) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else real(name, *a),
     )
     host = PluginHost(allow=())
     assert not host.register(llamacpp, name="gguf", source="modelyard")
@@ -65,7 +67,9 @@ def test_options_have_working_defaults_and_accept_offload_spellings() -> None:
         ({"flash_attn": "maybe"}, "$.models[0].options.flash_attn"),
     ],
 )
-def test_a_bad_option_is_a_config_error_naming_its_path(options: dict[str, Any], message: str) -> None:
+def test_a_bad_option_is_a_config_error_naming_its_path(
+    options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         _resolve(options)
     assert message in caught.value.detail

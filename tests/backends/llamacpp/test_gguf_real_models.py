@@ -25,7 +25,12 @@ from modelyard.core.types import (
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The best way to learn",
+]
 GREEDY = GenerationParams(max_tokens=32, temperature=0.0)
 
 
@@ -36,7 +41,9 @@ def llama_cpp_completions(path: Path, prompts: list[str]) -> list[str]:
     texts = []
     for prompt in prompts:
         llm.reset()  # no KV prefix reuse between prompts: each is evaluated like ours
-        texts.append(llm.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"])
+        texts.append(
+            llm.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
+        )
     llm.close()
     return texts
 
@@ -65,8 +72,12 @@ async def test_smollm2_chat_uses_its_template_like_llama_cpp_python(smollm2_gguf
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     async with loaded(smollm2_gguf, Task.CHAT, flash_attn="off", n_ctx=1024) as backend:
-        (ours,) = await backend.infer([ChatRequest((ChatMessage("user", messages[0]["content"]),), GREEDY)])
-    llm = llama_cpp.Llama(str(smollm2_gguf), n_ctx=1024, n_threads=1, n_threads_batch=1, verbose=False)
+        (ours,) = await backend.infer(
+            [ChatRequest((ChatMessage("user", messages[0]["content"]),), GREEDY)]
+        )
+    llm = llama_cpp.Llama(
+        str(smollm2_gguf), n_ctx=1024, n_threads=1, n_threads_batch=1, verbose=False
+    )
     theirs = llm.create_chat_completion(messages, max_tokens=32, temperature=0)  # type: ignore[arg-type]
     llm.close()
     assert isinstance(ours, GenerationResult)

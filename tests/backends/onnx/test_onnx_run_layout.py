@@ -63,7 +63,8 @@ def test_explicit_threads_make_auto_fill_the_cores_on_one_session() -> None:
 
 def test_one_run_asked_for_is_the_old_single_session() -> None:
     layout, wide = _layout(8, concurrent_runs=1)
-    assert (layout.runs, layout.first_threads, layout.narrow_threads, wide) == (1, None, None, False)
+    got = (layout.runs, layout.first_threads, layout.narrow_threads, wide)
+    assert got == (1, None, None, False)
 
 
 def test_without_the_wide_session_the_narrow_one_opens_first_and_alone() -> None:
@@ -195,7 +196,9 @@ async def test_without_the_wide_session_everything_runs_narrow(
     assert len(result.embeddings[0]) == 32  # type: ignore[union-attr]
 
 
-async def test_one_core_keeps_one_session(tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_one_core_keeps_one_session(
+    tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(onnx_backend, "usable_cores", lambda: 1)
     backend = await _backend(tiny_encoder)
     assert backend.concurrent_batches == 1 and backend._wide_runner is None

@@ -22,7 +22,9 @@ _REQUIRED = {"llama_cpp": "llama-cpp-python", "gguf": "gguf", "jinja2": "jinja2"
 @hookimpl
 def register_backends(register: Callable[[type], None]) -> None:
     """Register ``GGUFBackend`` when llama-cpp-python, gguf and jinja2 are installed."""
-    missing = [dist for module, dist in _REQUIRED.items() if importlib.util.find_spec(module) is None]
+    missing = [
+        dist for module, dist in _REQUIRED.items() if importlib.util.find_spec(module) is None
+    ]
     if missing:
         raise PluginUnavailable(
             f"missing {', '.join(missing)}: pip install 'modelyard[gguf]'"

@@ -203,7 +203,9 @@ class GGUFBackend(Backend):
         elif isinstance(request, CompletionRequest):
             prompt = await asyncio.to_thread(runtime.tokenize, request.prompt, add_special=True)
         else:
-            raise UnsupportedTaskError(f"the gguf backend cannot generate from {request.task.value}")
+            raise UnsupportedTaskError(
+                f"the gguf backend cannot generate from {request.task.value}"
+            )
         if not prompt:
             raise BadRequestError("prompt is empty")
         if len(prompt) > runtime.n_ctx_seq:
@@ -239,7 +241,8 @@ class GGUFBackend(Backend):
         for token in params.logit_bias or {}:
             if not 0 <= token < runtime.n_vocab:
                 raise BadRequestError(
-                    f"logit_bias: token id {token} is outside the vocabulary (0..{runtime.n_vocab - 1})"
+                    f"logit_bias: token id {token} is outside the vocabulary "
+                    f"(0..{runtime.n_vocab - 1})"
                 )
 
     async def _embed(self, request: EmbeddingRequest) -> EmbeddingResult:

@@ -343,7 +343,9 @@ class _Scheduler:
             group: list[list[int]] = []
             used = 0
             for tokens in inputs[start:]:
-                if group and (used + len(tokens) > self.rt.n_batch or len(group) >= self.rt.n_seq_max):
+                if group and (
+                    used + len(tokens) > self.rt.n_batch or len(group) >= self.rt.n_seq_max
+                ):
                     break
                 group.append(tokens)
                 used += len(tokens)
@@ -472,8 +474,8 @@ class Engine:
         """Queue a generation; 503 + Retry-After when every slot and queue place is taken."""
         if self.open >= self.capacity:
             raise ServiceUnavailableError(
-                f"all {self.runtime.n_seq_max} slots busy and {self.capacity - self.runtime.n_seq_max} "
-                "requests waiting; retry shortly",
+                f"all {self.runtime.n_seq_max} slots busy and "
+                f"{self.capacity - self.runtime.n_seq_max} requests waiting; retry shortly",
                 retry_after=1,
             )
         if not self.alive:

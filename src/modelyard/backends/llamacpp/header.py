@@ -214,7 +214,9 @@ def _header(
 
     def optional_int(key: str) -> int | None:
         value = metadata.get(key)
-        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return (
+            int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
 
     add_bos = metadata.get("tokenizer.ggml.add_bos_token")
     template = metadata.get("tokenizer.chat_template")

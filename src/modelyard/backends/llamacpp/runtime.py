@@ -282,7 +282,9 @@ class LlamaRuntime:
     def is_eog(self, token: int) -> bool:
         cached = self._eog_cache.get(token)
         if cached is None:
-            cached = self._eog_cache[token] = bool(self._call["llama_vocab_is_eog"](self.vocab, token))
+            cached = self._eog_cache[token] = bool(
+                self._call["llama_vocab_is_eog"](self.vocab, token)
+            )
         return cached
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:

@@ -262,7 +262,9 @@ class ChatTemplate:
         try:
             tree = self._env.parse(source)
         except TemplateSyntaxError as exc:
-            raise ValueError(f"chat template does not compile: {exc.message} (line {exc.lineno})") from None
+            raise ValueError(
+                f"chat template does not compile: {exc.message} (line {exc.lineno})"
+            ) from None
         tree = _InsertBudgetChecks().visit(tree)
         code = self._env.compile(tree)
         self._template = self._env.template_class.from_code(
@@ -328,7 +330,8 @@ BUILTIN_CHAT_FORMATS: dict[str, str] = {
         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     ),
     "mistral-instruct": (
-        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
         "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}"
         "{% else %}{{ m.content }}\n\n{% endif %}{% endfor %}"
     ),
