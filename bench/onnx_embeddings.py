@@ -373,10 +373,9 @@ def main() -> None:
 
     from tokenizers import Tokenizer
 
-    from modelyard.core.service import InferenceService
-    from modelyard.core.settings import decode_settings
+    from modelyard.core.settings import cache_dir_of, decode_settings
 
-    cache = args.cache_dir or InferenceService.default_cache_dir(decode_settings({}, env={}))
+    cache = args.cache_dir or cache_dir_of(decode_settings({}, env={}))
     model_dir = prepare_model(cache)
     texts = sentences(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 512)
     print(f"model: {model_dir}  cores: {os.cpu_count()}  sentence: 16 tokens", flush=True)

@@ -66,7 +66,8 @@ def test_plugins_json_lists_loaded_and_failed_plugins() -> None:
     assert records["tiny"]["source"] == "modelyard-tiny"
     assert records["broken"]["status"] == "failed"
     assert "ImportError: tinybroken needs libfoo.so" in records["broken"]["error"]
-    assert records["testing"]["status"] == "loaded"
+    assert records["sources"]["status"] == "loaded"
+    assert "testing" not in records  # the fakes join a server only when its config names one
 
 
 @pytest.mark.usefixtures("tiny_plugins")
@@ -75,7 +76,7 @@ def test_plugins_json_honours_the_allow_list() -> None:
     records = {r["name"]: r["status"] for r in json.loads(result.stdout)}
     assert records["tiny"] == "loaded"
     assert records["broken"] == "skipped"
-    assert records["testing"] == "skipped"
+    assert records["sources"] == "skipped"
 
 
 @pytest.mark.usefixtures("tiny_plugins")
@@ -87,7 +88,7 @@ def test_plugins_table() -> None:
     assert "loaded" in rows["tiny"] and "backend:tiny" in rows["tiny"]
     assert "modelyard-tiny 1.2.3" in rows["tiny"]
     assert "failed" in rows["broken"]
-    assert "backend:echo" in rows["testing"]
+    assert "source:pypi" in rows["sources"] and "source:demo" in rows["sources"]
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -36,11 +36,16 @@ def _env(site: Path) -> dict[str, str]:
     return env
 
 
-def test_rendered_plugin_is_discovered_through_its_entry_point(installed_plugin: tuple[Path, Path]) -> None:
+def test_rendered_plugin_is_discovered_through_its_entry_point(
+    installed_plugin: tuple[Path, Path],
+) -> None:
     _, site = installed_plugin
     out = subprocess.run(
-        [sys.executable, "-m", "modelyard", "plugins", "--json"], env=_env(site),
-        check=True, capture_output=True, text=True,
+        [sys.executable, "-m", "modelyard", "plugins", "--json"],
+        env=_env(site),
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     records = {r["name"]: r for r in json.loads(out)}
     assert records["reverser"]["status"] == "loaded"
@@ -52,7 +57,11 @@ def test_rendered_plugin_passes_its_own_tests(installed_plugin: tuple[Path, Path
     pkg, site = installed_plugin
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
-        env=_env(site), capture_output=True, text=True, cwd=pkg, check=False,
+        env=_env(site),
+        capture_output=True,
+        text=True,
+        cwd=pkg,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout

@@ -38,5 +38,7 @@ def test_readme_config_example_decodes() -> None:
 def test_echo_example_config_is_valid(plugin_host) -> None:
     from modelyard.core.settings import load_settings, resolve_models
 
-    specs = resolve_models(load_settings(ROOT / "examples" / "echo.toml", env={}), plugin_host.backends)
+    specs = resolve_models(
+        load_settings(ROOT / "examples" / "echo.toml", env={}), plugin_host.backends
+    )
     assert {s.name for s in specs} == {"echo", "echo-embed", "doubler"}

@@ -13,10 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from modelyard import __version__
+from modelyard._version import __version__
 from modelyard.core.errors import ConfigError, ModelyardError
 from modelyard.core.plugins import PluginHost
-from modelyard.core.settings import Settings, load_settings, resolve_models
+from modelyard.core.settings import Settings, cache_dir_of, load_settings, resolve_models
+from modelyard.core.sources import SourceResolver
 from modelyard.plugins.keys_cli import keys_cmd
 
 __all__ = ["main"]
@@ -35,7 +36,7 @@ def _settings(config: str | None, host: PluginHost) -> tuple[Settings, bool]:
     """The config file's settings, or the demo's when none is given."""
     path = config or os.environ.get("MODELYARD_CONFIG")
     if path:
-        settings = load_settings(path)
+        settings = _load_config(path, host)
         resolve_models(settings, host.backends)
         return settings, False
     from modelyard.demo import demo_settings
@@ -44,6 +45,15 @@ def _settings(config: str | None, host: PluginHost) -> tuple[Settings, bool]:
     for line in skipped:
         console.print(f"[yellow]demo: skipping {line}[/yellow]")
     return settings, True
+
+
+def _load_config(path: str, host: PluginHost) -> Settings:
+    """Read a config file; the fake backends join ``host`` only when it names one."""
+    from modelyard.testing.plugin import add_named_fakes
+
+    settings = load_settings(path)
+    add_named_fakes(host, settings)
+    return settings
 
 
 def _fail(message: str) -> None:
@@ -58,18 +68,35 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="TOML config file (default: the demo models).")
+@click.option(
+    "--config",
+    "-c",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (default: the demo models).",
+)
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8000).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default=None, type=click.Choice(["json", "text"]),
-              help="Log lines as JSON (default) or text for a terminal.")
-@click.option("--otlp-endpoint", metavar="URL", default=None,
-              help="Export traces over OTLP/HTTP, e.g. http://localhost:4318/v1/traces "
-                   "(needs modelyard[otel]).")
+@click.option(
+    "--log-format",
+    default=None,
+    type=click.Choice(["json", "text"]),
+    help="Log lines as JSON (default) or text for a terminal.",
+)
+@click.option(
+    "--otlp-endpoint",
+    metavar="URL",
+    default=None,
+    help="Export traces over OTLP/HTTP, e.g. http://localhost:4318/v1/traces "
+    "(needs modelyard[otel]).",
+)
 def serve(
-    config: str | None, host: str | None, port: int | None, log_level: str | None,
-    log_format: str | None, otlp_endpoint: str | None,
+    config: str | None,
+    host: str | None,
+    port: int | None,
+    log_level: str | None,
+    log_format: str | None,
+    otlp_endpoint: str | None,
 ) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
     from modelyard.api.app import create_app
@@ -103,7 +130,7 @@ def serve(
     except ModelyardError as exc:
         _fail(exc.detail)
     if is_demo:
-        prepare_demo_models(settings)
+        prepare_demo_models(settings, plugins)
     telemetry = Telemetry(tracing=tracing, log_prompts=server.log_prompts)
     service = InferenceService(settings, plugins, telemetry=telemetry)
     try:
@@ -114,18 +141,23 @@ def serve(
     run_server(app, service, server)
 
 
-def prepare_demo_models(settings: Settings) -> None:
+def prepare_demo_models(settings: Settings, host: PluginHost) -> None:
     """Prepare every demo model in the foreground with a progress display (cached after)."""
-    from modelyard.core.service import InferenceService
-    from modelyard.core.sources import resolve_source
-
-    cache_dir = InferenceService.default_cache_dir(settings)
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    resolve_source = SourceResolver(host.source_schemes)
+    cache_dir = cache_dir_of(settings)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         for model in settings.models:
             task = bar.add_task(f"{model.name}: checking", total=100)
 
-            def report(phase: str, percent: float, task: Any = task, name: str = model.name) -> None:
+            def report(
+                phase: str, percent: float, task: Any = task, name: str = model.name
+            ) -> None:
                 bar.update(task, description=f"{name}: {phase}", completed=percent)
 
             try:
@@ -147,8 +179,10 @@ def plugins_cmd(as_json: bool) -> None:
     table = Table("plugin", "status", "source", "provides", "error")
     for r in host.records:
         provides = ", ".join(
-            [f"backend:{b}" for b in r.backends] + [f"auth:{a}" for a in r.auth_providers]
+            [f"backend:{b}" for b in r.backends]
+            + [f"auth:{a}" for a in r.auth_providers]
             + [f"cache:{c}" for c in r.cache_tiers]
+            + [f"source:{s}" for s in r.source_schemes]
         )
         table.add_row(r.name, r.status, f"{r.source} {r.version}".strip(), provides, r.error)
     out.print(table)
@@ -173,9 +207,18 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
         rows = [v for m in response.json()["models"] for v in m["versions"]]
         table = Table("model", "version", "backend", "task", "state", "progress", "details")
         for v in rows:
-            details = v.get("error") or ", ".join(f"{k}={val}" for k, val in v["parameters"].items())
-            table.add_row(v["name"], v["version"], v["backend"], v["task"] or "", v["state"] or "",
-                          f"{v['progress']:.0f}%", details)
+            details = v.get("error") or ", ".join(
+                f"{k}={val}" for k, val in v["parameters"].items()
+            )
+            table.add_row(
+                v["name"],
+                v["version"],
+                v["backend"],
+                v["task"] or "",
+                v["state"] or "",
+                f"{v['progress']:.0f}%",
+                details,
+            )
         out.print(table)
         return
     host = _plugins()
@@ -186,28 +229,48 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
         _fail(exc.detail)
     table = Table("model", "version", "backend", "task", "active", "source")
     for s in specs:
-        table.add_row(s.name, s.version, s.backend.name, s.task.value if s.task else "(detect)",
-                      "yes" if s.active else "", s.source)
+        table.add_row(
+            s.name,
+            s.version,
+            s.backend.name,
+            s.task.value if s.task else "(detect)",
+            "yes" if s.active else "",
+            s.source,
+        )
     out.print(table)
 
 
 @models_cmd.command("export")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--task", required=True, type=click.Choice(["embeddings", "classification", "text-generation", "tensor"]))
+@click.option(
+    "--task",
+    required=True,
+    type=click.Choice(["embeddings", "classification", "text-generation", "tensor"]),
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 quantisation.")
+@click.option(
+    "--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 quantisation."
+)
 def export_cmd(src_dir: Path, task: str, out_dir: Path, quantize: str | None) -> None:
     """Export a Hugging Face model directory to ONNX with optimum and validate it."""
     try:
         from modelyard.backends.onnx.export import export_model
     except ImportError as exc:
         _fail(f"export needs the 'export' extra (pip install 'modelyard[export]'): {exc}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         job = bar.add_task("export", total=100)
         try:
             report = export_model(
-                src_dir, out_dir, task=task, quantize=quantize,
+                src_dir,
+                out_dir,
+                task=task,
+                quantize=quantize,
                 progress=lambda phase, pct: bar.update(job, description=phase, completed=pct),
             )
         except ModelyardError as exc:
@@ -227,7 +290,7 @@ def config_check(file: str) -> None:
     """Validate FILE without starting anything; exit 1 with the problem on error."""
     host = _plugins()
     try:
-        settings = load_settings(file)
+        settings = _load_config(file, host)
         specs = resolve_models(settings, host.backends)
     except ConfigError as exc:
         click.echo(f"{file}: {exc.detail}", err=True)
@@ -245,7 +308,7 @@ def demo_prepare() -> None:
     """Prepare the demo models now (serve does this on first run)."""
     host = _plugins()
     settings, _ = _settings(None, host)
-    prepare_demo_models(settings)
+    prepare_demo_models(settings, host)
 
 
 cli.add_command(keys_cmd)

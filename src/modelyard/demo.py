@@ -34,7 +34,9 @@ class DemoModel:
 def _package_dir(module: str, dist: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"demo package {dist!r} is not installed: pip install 'modelyard[demo]'")
+        raise ModelLoadError(
+            f"demo package {dist!r} is not installed: pip install 'modelyard[demo]'"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -107,15 +109,23 @@ def _model_path(target: Path) -> Path:
     return gguf if gguf.exists() else target
 
 
-def demo_settings(installed_backends: set[str], *, env: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
+def demo_settings(
+    installed_backends: set[str], *, env: Mapping[str, str] | None = None
+) -> tuple[Settings, list[str]]:
     """Settings serving every demo model whose backend is installed; also the names skipped."""
     models, skipped = [], []
     for model in DEMO_MODELS.values():
         if model.backend not in installed_backends:
             skipped.append(f"{model.name} (backend {model.backend!r} not installed)")
             continue
-        models.append({
-            "name": model.name, "backend": model.backend, "task": model.task,
-            "source": f"demo:{model.name}", "version": "1", "options": dict(model.options),
-        })
+        models.append(
+            {
+                "name": model.name,
+                "backend": model.backend,
+                "task": model.task,
+                "source": f"demo:{model.name}",
+                "version": "1",
+                "options": dict(model.options),
+            }
+        )
     return decode_settings({"models": models}, env=env), skipped

@@ -30,15 +30,18 @@ async def client(
     await service.start()
     await service.wait_until_loaded()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             yield c
     finally:
         await service.stop()
 
 
 async def _add_ready(client: httpx.AsyncClient, version: str, backend: str = "echo") -> None:
-    r = await client.post("/admin/models/m/versions",
-                          json={"version": version, "source": ".", "backend": backend})
+    r = await client.post(
+        "/admin/models/m/versions", json={"version": version, "source": ".", "backend": backend}
+    )
     assert r.status_code == 202
     for _ in range(500):
         if (await client.get(r.headers["location"])).json()["state"] == "ready":
@@ -62,7 +65,9 @@ async def test_canary_takes_exactly_its_share(client: httpx.AsyncClient) -> None
 
 async def test_failing_canary_rolls_back_by_itself(client: httpx.AsyncClient) -> None:
     await _add_ready(client, "2", backend="failing")
-    assert (await client.post("/admin/models/m/canary", json={"to": "2", "percent": 50})).status_code == 200
+    assert (
+        await client.post("/admin/models/m/canary", json={"to": "2", "percent": 50})
+    ).status_code == 200
     statuses = Counter()
     for _ in range(40):
         statuses[(await client.post("/v1/chat/completions", json=CHAT)).status_code] += 1
@@ -84,8 +89,12 @@ async def test_promote_makes_the_canary_active(client: httpx.AsyncClient) -> Non
 
 
 async def test_canary_needs_a_ready_inactive_version(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/admin/models/m/canary", json={"to": "1", "percent": 10})).status_code == 409
-    assert (await client.post("/admin/models/m/canary", json={"to": "7", "percent": 10})).status_code == 404
+    assert (
+        await client.post("/admin/models/m/canary", json={"to": "1", "percent": 10})
+    ).status_code == 409
+    assert (
+        await client.post("/admin/models/m/canary", json={"to": "7", "percent": 10})
+    ).status_code == 404
     r = await client.post("/admin/models/m/canary", json={"to": "1", "percent": 0})
     assert r.status_code == 400
 
@@ -97,14 +106,18 @@ async def test_canary_rolls_back_when_its_breaker_opens(
     breaker = {"window_size": 4, "minimum_calls": 4, "failure_rate_threshold": 50}
     settings = make_settings(
         server={"canary_min_calls": 1000, "canary_error_margin": 1.0},
-        models=[{"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": breaker}],
+        models=[
+            {"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": breaker}
+        ],
     )
     service = InferenceService(settings, plugin_host)
     app = create_app(settings, plugins=plugin_host, service=service)
     await service.start()
     await service.wait_until_loaded()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             await _add_ready(c, "2", backend="failing")
             await c.post("/admin/models/m/canary", json={"to": "2", "percent": 50})
             statuses = Counter()

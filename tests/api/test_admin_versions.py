@@ -74,10 +74,17 @@ async def test_swap_then_rollback_switch_the_answering_version(client: httpx.Asy
     await _wait_state(client, r.headers["location"], "ready")
     safety = (await client.get("/admin/models/m/swap/safety", params={"to": "2"})).json()
     assert safety["safe"] is True
-    assert {c["name"] for c in safety["checks"]} >= {"target_exists", "target_ready", "target_not_active"}
+    assert {c["name"] for c in safety["checks"]} >= {
+        "target_exists",
+        "target_ready",
+        "target_not_active",
+    }
     assert (await client.post("/admin/models/m/swap", json={"to": "2"})).status_code == 200
     assert (await client.post("/v1/chat/completions", json=CHAT)).headers["x-model-version"] == "2"
-    states = {v["version"]: v["state"] for v in (await client.get("/admin/models")).json()["models"][0]["versions"]}
+    states = {
+        v["version"]: v["state"]
+        for v in (await client.get("/admin/models")).json()["models"][0]["versions"]
+    }
     assert states == {"1": "deprecated", "2": "active"}
     r = await client.post("/admin/models/m/rollback")
     assert r.json()["active_version"] == "1"
@@ -95,8 +102,10 @@ async def test_unsafe_swap_is_409_with_the_report(client: httpx.AsyncClient) -> 
 
 
 async def test_failed_load_leaves_the_active_version_serving(client: httpx.AsyncClient) -> None:
-    r = await client.post("/admin/models/m/versions",
-                          json={"version": "2", "source": "/no/such/model", "backend": "echo"})
+    r = await client.post(
+        "/admin/models/m/versions",
+        json={"version": "2", "source": "/no/such/model", "backend": "echo"},
+    )
     body = await _wait_state(client, r.headers["location"], "failed")
     assert "does not exist" in body["error"]
     assert (await client.post("/admin/models/m/swap", json={"to": "2"})).status_code == 409
@@ -104,7 +113,9 @@ async def test_failed_load_leaves_the_active_version_serving(client: httpx.Async
     assert r.status_code == 200 and r.headers["x-model-version"] == "1"
 
 
-async def test_delete_refuses_the_active_version_and_unloads_others(client: httpx.AsyncClient) -> None:
+async def test_delete_refuses_the_active_version_and_unloads_others(
+    client: httpx.AsyncClient,
+) -> None:
     assert (await client.delete("/admin/models/m/versions/1")).status_code == 409
     r = await client.post("/admin/models/m/versions", json={"version": "2", "source": "."})
     await _wait_state(client, r.headers["location"], "ready")
@@ -118,8 +129,9 @@ async def test_rollback_without_history_is_409(client: httpx.AsyncClient) -> Non
 
 
 async def test_bad_options_for_a_new_version_name_the_body_path(client: httpx.AsyncClient) -> None:
-    r = await client.post("/admin/models/m/versions",
-                          json={"version": "2", "source": ".", "options": {"dim": "wide"}})
+    r = await client.post(
+        "/admin/models/m/versions", json={"version": "2", "source": ".", "options": {"dim": "wide"}}
+    )
     assert r.status_code == 422
     assert r.json()["detail"].startswith("$.options.dim:")
 
@@ -155,7 +167,9 @@ def test_swap_and_rollback_under_concurrent_load_over_real_http(
 
             async def operate() -> None:
                 await each_client_sees(10)
-                assert (await http.post("/admin/models/m/swap", json={"to": "2"})).status_code == 200
+                assert (
+                    await http.post("/admin/models/m/swap", json={"to": "2"})
+                ).status_code == 200
                 mark = min(len(s) for s in seen)
                 await each_client_sees(mark + 20)
                 assert (await http.post("/admin/models/m/rollback")).json()["active_version"] == "1"

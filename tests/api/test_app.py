@@ -44,8 +44,8 @@ def _wait_ready(client: TestClient[Any]) -> None:
 
 @pytest.mark.usefixtures("tiny_plugins")
 def test_a_broken_plugin_is_listed_with_its_error_and_the_server_still_starts() -> None:
-    host = load_plugins()  # real entry points: first-party, tiny, and broken
     settings = decode_settings({"models": [ECHO]}, env={})
+    host = load_plugins(settings)  # real entry points, and the fakes the config names
     with TestClient(create_app(settings, plugins=host)) as client:
         _wait_ready(client)
         plugins = {p["name"]: p for p in client.get("/v1/plugins").json()["plugins"]}

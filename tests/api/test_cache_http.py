@@ -44,14 +44,17 @@ async def test_miss_then_hit_refresh_and_bypass(start_api: Any, tmp_path: Path) 
     assert len(backend.calls) == 1
     r3 = await api.client.post("/v1/chat/completions", json=_chat("hello there"),
                                headers={"Cache-Control": "no-cache"})
-    assert r3.headers["x-cache"] == "BYPASS" and len(backend.calls) == 2  # read bypassed, entry refreshed
+    assert (
+        r3.headers["x-cache"] == "BYPASS" and len(backend.calls) == 2
+    )  # read bypassed, entry refreshed
     await api.service.cache.settle()  # the refreshed answer is stored after it is sent
     r3b = await api.client.post("/v1/chat/completions", json=_chat("hello there"))
     assert r3b.headers["x-cache"] == "HIT" and len(backend.calls) == 2
     r4 = await api.client.post("/v1/chat/completions", json=_chat("hello there", temperature=0.7))
     assert r4.headers["x-cache"] == "BYPASS"
-    r5 = await api.client.post("/v1/chat/completions", json=_chat("hello there"),
-                               headers={"Cache-Control": "no-store"})
+    r5 = await api.client.post(
+        "/v1/chat/completions", json=_chat("hello there"), headers={"Cache-Control": "no-store"}
+    )
     assert r5.headers["x-cache"] == "BYPASS"
 
 

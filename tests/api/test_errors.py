@@ -23,14 +23,17 @@ OPENAI_ROUTES = [
 ]
 
 
-def _model(name: str, backend: str = "echo", task: str | None = "chat", **extra: Any) -> dict[str, Any]:
+def _model(
+    name: str, backend: str = "echo", task: str | None = "chat", **extra: Any
+) -> dict[str, Any]:
     return {"name": name, "backend": backend, "source": ".", "task": task, **extra}
 
 
 @pytest.fixture
 async def api(start_api: Any) -> Any:
     return await start_api(
-        _model("echo"), _model("echo-embed", task="embeddings"),
+        _model("echo"),
+        _model("echo-embed", task="embeddings"),
         _model("echo-cls", task="classification"),
         _model("broken", backend="failing", options={"fail_on_load": True}, required=False),
         _model("flaky", backend="failing"),
@@ -56,8 +59,11 @@ async def test_malformed_json_is_400(api: Any, problem: Any, route: str) -> None
         ("/v1/chat/completions", {"model": 7, **CHAT}, "model"),
         ("/v1/chat/completions", {"model": "echo", "messages": "hi"}, "messages"),
         ("/v1/completions", {"model": "echo", "prompt": 3}, "prompt"),
-        ("/v1/embeddings", {"model": "echo-embed", "input": "x", "encoding_format": "hex"},
-         "encoding_format"),
+        (
+            "/v1/embeddings",
+            {"model": "echo-embed", "input": "x", "encoding_format": "hex"},
+            "encoding_format",
+        ),
         ("/v1/classify", {"model": "echo-cls", "input": "x", "top_k": "all"}, "top_k"),
         ("/v2/models/echo/infer", {"inputs": [{"name": "t", "shape": "1"}]}, "inputs"),
     ],
@@ -76,8 +82,10 @@ async def test_wrong_field_types_are_400_naming_the_field(
         ({"model": "echo", **CHAT, "n": 2}, "only n=1 is supported"),
         ({"model": "echo", **CHAT, "temperature": 9}, "invalid sampling parameter"),
         ({"model": "echo", **CHAT, "logprobs": True}, "logprobs are not supported"),
-        ({"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-         "content part type 'image_url' is not supported"),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "content part type 'image_url' is not supported",
+        ),
     ],
 )
 async def test_invalid_chat_requests_are_400(
@@ -90,7 +98,9 @@ async def test_invalid_chat_requests_are_400(
 @pytest.mark.parametrize("route", [r for r, _ in OPENAI_ROUTES] + ["/v2/models/echo/infer"])
 async def test_an_oversized_body_is_413(api: Any, problem: Any, route: str) -> None:
     response = await api.client.post(
-        route, content=b'{"x": "' + b"a" * 4096 + b'"}', headers={"content-type": "application/json"}
+        route,
+        content=b'{"x": "' + b"a" * 4096 + b'"}',
+        headers={"content-type": "application/json"},
     )
     assert "limit" in problem(response, 413)["detail"]
 
@@ -105,8 +115,12 @@ async def test_an_unknown_route_is_404(api: Any, problem: Any, path: str) -> Non
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("PUT", "/v2/health/ready"),
-     ("GET", "/v2/models/echo/infer")],
+    [
+        ("GET", "/v1/chat/completions"),
+        ("DELETE", "/v1/models"),
+        ("PUT", "/v2/health/ready"),
+        ("GET", "/v2/models/echo/infer"),
+    ],
 )
 async def test_a_wrong_method_is_405(api: Any, problem: Any, method: str, path: str) -> None:
     problem(await api.client.request(method, path), 405)
@@ -134,7 +148,9 @@ async def test_an_unknown_model_is_404(
         ("POST", "/v2/repository/models/nope/unload"),
     ],
 )
-async def test_an_unknown_model_is_404_on_v2(api: Any, problem: Any, method: str, path: str) -> None:
+async def test_an_unknown_model_is_404_on_v2(
+    api: Any, problem: Any, method: str, path: str
+) -> None:
     response = await api.client.request(method, path, json=V2_TEXT)
     assert problem(response, 404)["detail"] == "model 'nope' does not exist"
 
@@ -196,8 +212,9 @@ async def test_a_backend_failure_is_500_and_the_server_keeps_serving(
         assert body["title"] == "Backend Error"
         assert body["detail"] == "backend failed: RuntimeError: failing backend always fails"
 
-    stream = await api.client.post("/v1/chat/completions", json={"model": "flaky", **CHAT,
-                                                                  "stream": True})
+    stream = await api.client.post(
+        "/v1/chat/completions", json={"model": "flaky", **CHAT, "stream": True}
+    )
     problem(stream, 500)
 
     ok = await api.client.post("/v1/chat/completions", json={"model": "echo", **CHAT})
@@ -213,8 +230,10 @@ async def test_a_backend_failure_is_500_and_the_server_keeps_serving(
 async def test_a_request_past_the_timeout_is_504(start_api: Any, problem: Any) -> None:
     # Waits for the real 0.2 s timeout: the timeout itself is what is under test.
     api = await start_api(_model("stuck", backend="hanging"), server={"request_timeout_s": 0.2})
-    for route, body in [("/v1/chat/completions", {"model": "stuck", **CHAT}),
-                        ("/v2/models/stuck/infer", V2_TEXT)]:
+    for route, body in [
+        ("/v1/chat/completions", {"model": "stuck", **CHAT}),
+        ("/v2/models/stuck/infer", V2_TEXT),
+    ]:
         detail = problem(await api.client.post(route, json=body), 504)["detail"]
         assert detail == "model 'stuck' did not answer within 0.2s"
 

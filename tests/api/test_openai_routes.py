@@ -12,7 +12,9 @@ import pytest
 from modelyard.testing.backends import fake_embedding
 
 
-def _model(name: str, backend: str = "echo", task: str | None = "chat", **extra: Any) -> dict[str, Any]:
+def _model(
+    name: str, backend: str = "echo", task: str | None = "chat", **extra: Any
+) -> dict[str, Any]:
     return {"name": name, "backend": backend, "source": ".", "task": task, **extra}
 
 
@@ -38,7 +40,7 @@ def _events(raw: str) -> list[str]:
     for event in events:
         assert event.startswith("data: "), event
         assert "\n" not in event, f"multi-line event: {event!r}"
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 async def test_models_lists_only_serving_models(api: Any) -> None:
@@ -59,11 +61,16 @@ async def test_models_lists_only_serving_models(api: Any) -> None:
 
 
 async def test_chat_completion_body_usage_and_version_header(api: Any) -> None:
-    response = await api.client.post("/v1/chat/completions", json={
-        "model": "echo",
-        "messages": [{"role": "system", "content": "be brief"},
-                     {"role": "user", "content": "the quick brown fox"}],
-    })
+    response = await api.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "echo",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "the quick brown fox"},
+            ],
+        },
+    )
     assert response.status_code == 200
     assert response.headers["x-model-version"] == "3"
     assert response.headers["x-model-name"] == "echo"
@@ -79,59 +86,96 @@ async def test_chat_completion_body_usage_and_version_header(api: Any) -> None:
 
 
 async def test_max_tokens_cuts_with_finish_reason_length(api: Any) -> None:
-    body = (await api.client.post("/v1/chat/completions",
-                                  json=_chat("one two three four", max_tokens=2))).json()
+    body = (
+        await api.client.post(
+            "/v1/chat/completions", json=_chat("one two three four", max_tokens=2)
+        )
+    ).json()
     assert body["choices"][0]["message"]["content"] == "one two"
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 2
 
-    newer = (await api.client.post("/v1/chat/completions",
-                                   json=_chat("one two three", max_completion_tokens=1))).json()
+    newer = (
+        await api.client.post(
+            "/v1/chat/completions", json=_chat("one two three", max_completion_tokens=1)
+        )
+    ).json()
     assert newer["choices"][0]["message"]["content"] == "one"
 
 
 @pytest.mark.parametrize("stop", ["three", ["nothing", "three"]])
 async def test_stop_sequences_end_the_text(api: Any, stop: Any) -> None:
-    body = (await api.client.post("/v1/chat/completions",
-                                  json=_chat("one two three four", stop=stop))).json()
+    body = (
+        await api.client.post("/v1/chat/completions", json=_chat("one two three four", stop=stop))
+    ).json()
     assert body["choices"][0]["message"]["content"] == "one two "
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_chat_accepts_text_content_parts(api: Any) -> None:
-    body = (await api.client.post("/v1/chat/completions", json={
-        "model": "echo",
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello "},
-                                                  {"type": "text", "text": "parts"}]}],
-    })).json()
+    body = (
+        await api.client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "echo",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hello "},
+                            {"type": "text", "text": "parts"},
+                        ],
+                    }
+                ],
+            },
+        )
+    ).json()
     assert body["choices"][0]["message"]["content"] == "hello parts"
 
 
 async def test_completions_with_a_list_of_prompts(api: Any) -> None:
-    response = await api.client.post("/v1/completions", json={
-        "model": "echo", "prompt": ["alpha beta", "gamma delta epsilon", "zeta"], "max_tokens": 2,
-    })
+    response = await api.client.post(
+        "/v1/completions",
+        json={
+            "model": "echo",
+            "prompt": ["alpha beta", "gamma delta epsilon", "zeta"],
+            "max_tokens": 2,
+        },
+    )
     assert response.status_code == 200
     assert response.headers["x-model-version"] == "3"
     body = response.json()
     assert body["object"] == "text_completion"
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
-        (0, "alpha beta", "stop"), (1, "gamma delta", "length"), (2, "zeta", "stop"),
+        (0, "alpha beta", "stop"),
+        (1, "gamma delta", "length"),
+        (2, "zeta", "stop"),
     ]
     assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
 
 
 async def test_completions_echo_prepends_the_prompt(api: Any) -> None:
-    body = (await api.client.post("/v1/completions", json={
-        "model": "echo", "prompt": "say", "echo": True,
-    })).json()
+    body = (
+        await api.client.post(
+            "/v1/completions",
+            json={
+                "model": "echo",
+                "prompt": "say",
+                "echo": True,
+            },
+        )
+    ).json()
     assert body["choices"][0]["text"] == "saysay"
 
 
 async def test_embeddings_as_floats(api: Any) -> None:
-    response = await api.client.post("/v1/embeddings", json={
-        "model": "echo-embed", "input": ["first text", "second"],
-    })
+    response = await api.client.post(
+        "/v1/embeddings",
+        json={
+            "model": "echo-embed",
+            "input": ["first text", "second"],
+        },
+    )
     assert response.status_code == 200
     assert response.headers["x-model-version"] == "1"
     body = response.json()
@@ -144,12 +188,25 @@ async def test_embeddings_as_floats(api: Any) -> None:
 
 
 async def test_embeddings_as_base64_decode_to_the_same_floats(api: Any) -> None:
-    floats = (await api.client.post("/v1/embeddings", json={
-        "model": "echo-embed", "input": "some text",
-    })).json()["data"][0]["embedding"]
-    encoded = (await api.client.post("/v1/embeddings", json={
-        "model": "echo-embed", "input": "some text", "encoding_format": "base64",
-    })).json()["data"][0]["embedding"]
+    floats = (
+        await api.client.post(
+            "/v1/embeddings",
+            json={
+                "model": "echo-embed",
+                "input": "some text",
+            },
+        )
+    ).json()["data"][0]["embedding"]
+    encoded = (
+        await api.client.post(
+            "/v1/embeddings",
+            json={
+                "model": "echo-embed",
+                "input": "some text",
+                "encoding_format": "base64",
+            },
+        )
+    ).json()["data"][0]["embedding"]
 
     assert isinstance(encoded, str)
     raw = base64.b64decode(encoded)
@@ -159,25 +216,42 @@ async def test_embeddings_as_base64_decode_to_the_same_floats(api: Any) -> None:
 
 
 async def test_embeddings_dimensions_must_match_the_model(api: Any, problem: Any) -> None:
-    ok = await api.client.post("/v1/embeddings", json={
-        "model": "echo-embed", "input": "x", "dimensions": 6,
-    })
+    ok = await api.client.post(
+        "/v1/embeddings",
+        json={
+            "model": "echo-embed",
+            "input": "x",
+            "dimensions": 6,
+        },
+    )
     assert ok.status_code == 200
-    wrong = await api.client.post("/v1/embeddings", json={
-        "model": "echo-embed", "input": "x", "dimensions": 7,
-    })
+    wrong = await api.client.post(
+        "/v1/embeddings",
+        json={
+            "model": "echo-embed",
+            "input": "x",
+            "dimensions": 7,
+        },
+    )
     assert problem(wrong, 400)["detail"] == "model 'echo-embed' has 6 dimensions, not 7"
 
 
 async def test_embeddings_of_token_ids_are_refused(api: Any, problem: Any) -> None:
-    response = await api.client.post("/v1/embeddings", json={"model": "echo-embed", "input": [[1, 2]]})
+    response = await api.client.post(
+        "/v1/embeddings", json={"model": "echo-embed", "input": [[1, 2]]}
+    )
     assert "token-id arrays are not supported" in problem(response, 400)["detail"]
 
 
 async def test_classify(api: Any) -> None:
-    response = await api.client.post("/v1/classify", json={
-        "model": "echo-cls", "input": ["ab", "abc"], "top_k": 2,
-    })
+    response = await api.client.post(
+        "/v1/classify",
+        json={
+            "model": "echo-cls",
+            "input": ["ab", "abc"],
+            "top_k": 2,
+        },
+    )
     assert response.status_code == 200
     assert response.headers["x-model-name"] == "echo-cls"
     body = response.json()
@@ -193,8 +267,9 @@ async def test_classify(api: Any) -> None:
 
 
 async def test_chat_stream_framing(api: Any) -> None:
-    response = await api.client.post("/v1/chat/completions",
-                                     json=_chat("one two three", stream=True))
+    response = await api.client.post(
+        "/v1/chat/completions", json=_chat("one two three", stream=True)
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["x-model-version"] == "3"
@@ -213,9 +288,15 @@ async def test_chat_stream_framing(api: Any) -> None:
 
 
 async def test_chat_stream_include_usage_adds_a_usage_chunk(api: Any) -> None:
-    response = await api.client.post("/v1/chat/completions", json=_chat(
-        "one two three", stream=True, max_tokens=2, stream_options={"include_usage": True},
-    ))
+    response = await api.client.post(
+        "/v1/chat/completions",
+        json=_chat(
+            "one two three",
+            stream=True,
+            max_tokens=2,
+            stream_options={"include_usage": True},
+        ),
+    )
     events = _events(response.text)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -227,10 +308,15 @@ async def test_chat_stream_include_usage_adds_a_usage_chunk(api: Any) -> None:
 
 
 async def test_completion_stream_framing(api: Any) -> None:
-    response = await api.client.post("/v1/completions", json={
-        "model": "echo", "prompt": "a b c", "stream": True,
-        "stream_options": {"include_usage": True},
-    })
+    response = await api.client.post(
+        "/v1/completions",
+        json={
+            "model": "echo",
+            "prompt": "a b c",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert response.status_code == 200
     events = _events(response.text)
     assert events[-1] == "[DONE]"
@@ -242,9 +328,14 @@ async def test_completion_stream_framing(api: Any) -> None:
 
 
 async def test_a_stream_of_several_prompts_is_refused(api: Any, problem: Any) -> None:
-    response = await api.client.post("/v1/completions", json={
-        "model": "echo", "prompt": ["a", "b"], "stream": True,
-    })
+    response = await api.client.post(
+        "/v1/completions",
+        json={
+            "model": "echo",
+            "prompt": ["a", "b"],
+            "stream": True,
+        },
+    )
     assert problem(response, 400)["detail"] == "streaming takes a single prompt"
 
 

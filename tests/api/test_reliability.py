@@ -40,7 +40,9 @@ async def served(
     await service.start()
     await service.wait_until_loaded()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             yield service, c
     finally:
         await service.stop()

@@ -17,7 +17,9 @@ from modelyard.testing.backends import fake_embedding
 HEADER = "Inference-Header-Content-Length"
 
 
-def _model(name: str, backend: str = "echo", task: str | None = "tensor", **extra: Any) -> dict[str, Any]:
+def _model(
+    name: str, backend: str = "echo", task: str | None = "tensor", **extra: Any
+) -> dict[str, Any]:
     return {"name": name, "backend": backend, "source": ".", "task": task, **extra}
 
 
@@ -36,12 +38,11 @@ def _input0(shape: list[int], data: Any, datatype: str = "FP32") -> dict[str, An
     return {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": shape, "data": data}]}
 
 
-def _binary_request(
-    head: dict[str, Any], blobs: list[bytes]
-) -> tuple[bytes, dict[str, str]]:
+def _binary_request(head: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
     encoded = json.dumps(head).encode()
     return encoded + b"".join(blobs), {
-        HEADER: str(len(encoded)), "content-type": "application/octet-stream",
+        HEADER: str(len(encoded)),
+        "content-type": "application/octet-stream",
     }
 
 
@@ -128,12 +129,14 @@ async def test_model_ready(api: Any, problem: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [[[1, 2, 3], [4, 5, 6]], [1, 2, 3, 4, 5, 6], [1.0, 2.5, 3, 4, 5, 6]],
+    "data",
+    [[[1, 2, 3], [4, 5, 6]], [1, 2, 3, 4, 5, 6], [1.0, 2.5, 3, 4, 5, 6]],
     ids=["nested", "flat", "mixed-numbers"],
 )
 async def test_tensor_round_trip_over_json(api: Any, data: Any) -> None:
-    response = await api.client.post("/v2/models/doubler/infer",
-                                     json={"id": "req-7", **_input0([2, 3], data)})
+    response = await api.client.post(
+        "/v2/models/doubler/infer", json={"id": "req-7", **_input0([2, 3], data)}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     assert response.headers["x-model-version"] == "1"
@@ -148,11 +151,15 @@ async def test_tensor_round_trip_over_json(api: Any, data: Any) -> None:
 
 
 async def test_a_version_can_be_addressed(api: Any) -> None:
-    response = await api.client.post("/v2/models/chat/versions/2/infer", json={
-        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
-                    "data": ["one two three"]}],
-        "parameters": {"max_tokens": 2},
-    })
+    response = await api.client.post(
+        "/v2/models/chat/versions/2/infer",
+        json={
+            "inputs": [
+                {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["one two three"]}
+            ],
+            "parameters": {"max_tokens": 2},
+        },
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["model_version"] == "2"
@@ -161,9 +168,14 @@ async def test_a_version_can_be_addressed(api: Any) -> None:
 
 
 async def test_bytes_into_an_embeddings_model(api: Any) -> None:
-    response = await api.client.post("/v2/models/embed/infer", json={
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["hi", "there"]}],
-    })
+    response = await api.client.post(
+        "/v2/models/embed/infer",
+        json={
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["hi", "there"]}
+            ],
+        },
+    )
     assert response.status_code == 200
     [output] = response.json()["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("embedding", "FP32", [2, 4])
@@ -172,23 +184,33 @@ async def test_bytes_into_an_embeddings_model(api: Any) -> None:
 
 
 async def test_classification_outputs_label_and_score(api: Any) -> None:
-    response = await api.client.post("/v2/models/cls/infer", json={
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["ab", "abc"]}],
-    })
+    response = await api.client.post(
+        "/v2/models/cls/infer",
+        json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["ab", "abc"]}],
+        },
+    )
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert outputs["label"]["data"] == ["negative", "positive"]
     assert outputs["score"]["data"] == pytest.approx([0.9, 0.9])
 
 
 async def test_requested_outputs_are_checked(api: Any, problem: Any) -> None:
-    ok = await api.client.post("/v2/models/doubler/infer", json={
-        **_input0([1, 1], [3]), "outputs": [{"name": "OUTPUT0"}],
-    })
+    ok = await api.client.post(
+        "/v2/models/doubler/infer",
+        json={
+            **_input0([1, 1], [3]),
+            "outputs": [{"name": "OUTPUT0"}],
+        },
+    )
     assert ok.json()["outputs"][0]["data"] == [6.0]
-    unknown = await api.client.post("/v2/models/cls/infer", json={
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
-        "outputs": [{"name": "logits"}],
-    })
+    unknown = await api.client.post(
+        "/v2/models/cls/infer",
+        json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [{"name": "logits"}],
+        },
+    )
     assert "logits" in problem(unknown, 400)["detail"]
 
 
@@ -203,10 +225,14 @@ async def test_requested_outputs_are_checked(api: Any, problem: Any) -> None:
         (_input0([1, 1], [True], "FP32"), "tensor 'INPUT0': FP32 data must be numbers"),
         (_input0([1, 1], [1], "INT32"), "input tensor 'INPUT0' has datatype INT32, expected FP32"),
         (_input0([3], [1, 2, 3]), "input tensor 'INPUT0' has shape [3], expected 2 dimensions"),
-        ({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1]}]},
-         "tensor 'INPUT0' has no data"),
-        ({"inputs": [{"name": "OTHER", "datatype": "FP32", "shape": [1], "data": [1]}]},
-         "input tensor 'INPUT0' is missing"),
+        (
+            {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1]}]},
+            "tensor 'INPUT0' has no data",
+        ),
+        (
+            {"inputs": [{"name": "OTHER", "datatype": "FP32", "shape": [1], "data": [1]}]},
+            "input tensor 'INPUT0' is missing",
+        ),
     ],
 )
 async def test_wrong_shape_or_datatype_is_400_naming_the_tensor(
@@ -217,9 +243,12 @@ async def test_wrong_shape_or_datatype_is_400_naming_the_tensor(
 
 
 async def test_text_inputs_must_be_bytes(api: Any, problem: Any) -> None:
-    response = await api.client.post("/v2/models/embed/infer", json={
-        "inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}],
-    })
+    response = await api.client.post(
+        "/v2/models/embed/infer",
+        json={
+            "inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}],
+        },
+    )
     assert problem(response, 400)["detail"] == "tensor 'text' must be BYTES"
 
 
@@ -228,9 +257,17 @@ async def test_text_inputs_must_be_bytes(api: Any, problem: Any) -> None:
 
 async def test_binary_request_and_binary_response(api: Any) -> None:
     values = [1.5, -2.0, 3.25, 4.0]
-    head = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2],
-                        "parameters": {"binary_data_size": 16}}],
-            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}
+    head = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "FP32",
+                "shape": [2, 2],
+                "parameters": {"binary_data_size": 16},
+            }
+        ],
+        "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+    }
     content, headers = _binary_request(head, [struct.pack("<4f", *values)])
 
     response = await api.client.post("/v2/models/doubler/infer", content=content, headers=headers)
@@ -245,8 +282,16 @@ async def test_binary_request_and_binary_response(api: Any) -> None:
 
 
 async def test_binary_request_with_a_json_response(api: Any) -> None:
-    head = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2],
-                        "parameters": {"binary_data_size": 8}}]}
+    head = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "FP32",
+                "shape": [1, 2],
+                "parameters": {"binary_data_size": 8},
+            }
+        ]
+    }
     content, headers = _binary_request(head, [struct.pack("<2f", 1.0, 2.0)])
     response = await api.client.post("/v2/models/doubler/infer", content=content, headers=headers)
     assert HEADER.lower() not in {k.lower() for k in response.headers}
@@ -256,19 +301,27 @@ async def test_binary_request_with_a_json_response(api: Any) -> None:
 async def test_binary_output_for_all_outputs_and_bytes_elements(api: Any) -> None:
     texts = [b"hello", b"binary world"]
     blob = b"".join(struct.pack("<I", len(t)) + t for t in texts)
-    head = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
-                        "parameters": {"binary_data_size": len(blob)}}],
-            "parameters": {"binary_data_output": True}}
+    head = {
+        "inputs": [
+            {
+                "name": "text",
+                "datatype": "BYTES",
+                "shape": [2],
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
     content, headers = _binary_request(head, [blob])
     response = await api.client.post("/v2/models/cls/infer", content=content, headers=headers)
     assert response.status_code == 200, response.text
     body, tail = _split_binary_response(response)
     sizes = {o["name"]: o["parameters"]["binary_data_size"] for o in body["outputs"]}
-    labels_blob, scores_blob = tail[: sizes["label"]], tail[sizes["label"]:]
+    labels_blob, scores_blob = tail[: sizes["label"]], tail[sizes["label"] :]
     labels, offset = [], 0
     while offset < len(labels_blob):
         (n,) = struct.unpack_from("<I", labels_blob, offset)
-        labels.append(labels_blob[offset + 4: offset + 4 + n].decode())
+        labels.append(labels_blob[offset + 4 : offset + 4 + n].decode())
         offset += 4 + n
     assert labels == ["positive", "negative"]
     assert list(struct.unpack("<2f", scores_blob)) == pytest.approx([0.9, 0.9])
@@ -278,8 +331,12 @@ async def test_binary_output_for_all_outputs_and_bytes_elements(api: Any) -> Non
     ("size", "blob", "header", "expected"),
     [
         (16, struct.pack("<3f", 1, 2, 3), None, "binary_data_size exceeds the body"),
-        (12, struct.pack("<3f", 1, 2, 3), None,
-         "tensor 'INPUT0': shape [2, 2] of FP32 needs 16 bytes, got 12"),
+        (
+            12,
+            struct.pack("<3f", 1, 2, 3),
+            None,
+            "tensor 'INPUT0': shape [2, 2] of FP32 needs 16 bytes, got 12",
+        ),
         (16, struct.pack("<5f", 1, 2, 3, 4, 5), None, "binary data left over"),
         (16, struct.pack("<4f", 1, 2, 3, 4), "abc", "must be an integer"),
         (16, struct.pack("<4f", 1, 2, 3, 4), "999999", "exceeds the body"),
@@ -288,8 +345,16 @@ async def test_binary_output_for_all_outputs_and_bytes_elements(api: Any) -> Non
 async def test_bad_binary_requests_are_400(
     api: Any, problem: Any, size: int, blob: bytes, header: str | None, expected: str
 ) -> None:
-    head = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2],
-                        "parameters": {"binary_data_size": size}}]}
+    head = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "FP32",
+                "shape": [2, 2],
+                "parameters": {"binary_data_size": size},
+            }
+        ]
+    }
     content, headers = _binary_request(head, [blob])
     if header is not None:
         headers[HEADER] = header

@@ -124,7 +124,7 @@ async def test_the_layer_in_front_of_the_service(
         assert key is not None
 
         async def run() -> Any:
-            return (await service.infer("echo", request, version=version.version))[1]
+            return (await service.infer("echo", request, version=version.version)).result
 
         outcomes = [(await layer.lookup_or_run(key, run))[1] for _ in range(3)]
         assert outcomes == ["miss", "hit", "hit"]

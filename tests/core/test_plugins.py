@@ -28,8 +28,11 @@ def test_entry_point_plugin_registers_its_backend(tiny_plugins: None) -> None:
     assert record.backends == ["tiny"]
     assert record.error == ""
     # First-party plugins come through the same group.
-    assert _record(host, "testing").status == "loaded"
-    assert "echo" in host.backends
+    assert _record(host, "sources").source_schemes == ["pypi", "demo"]
+    assert {"pypi", "demo"} <= set(host.source_schemes)
+    # The fakes are no production plugin: a server lists them only when its config names one.
+    assert "testing" not in {r.name for r in host.records}
+    assert "echo" not in host.backends
 
 
 def test_plugin_that_fails_to_import_is_reported_and_skipped(tiny_plugins: None) -> None:
@@ -64,7 +67,7 @@ def test_hookimpl_with_a_wrong_argument_name_is_rejected(install_plugin: Any) ->
     assert "rejected" in record.error
     assert "registrar" in record.error
     assert "badarg" not in host.backends
-    assert _record(host, "testing").status == "loaded"
+    assert _record(host, "sources").status == "loaded"
 
 
 def test_unknown_hook_is_caught_by_check_pending(install_plugin: Any) -> None:
@@ -93,18 +96,18 @@ def test_unknown_hook_is_caught_by_check_pending(install_plugin: Any) -> None:
     assert (record.source, record.version) == ("modelyard-typo", "2.0")
     # What it registered before check_pending ran is withdrawn with it.
     assert "typo" not in host.backends
-    assert _record(host, "testing").status == "loaded"
+    assert _record(host, "sources").status == "loaded"
 
 
 def test_allow_list_env_restricts_which_entry_points_load(
     tiny_plugins: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ALLOW_ENV, "tiny, testing")
+    monkeypatch.setenv(ALLOW_ENV, "tiny, sources")
     host = PluginHost()
     host.load_entry_points()
 
     assert _record(host, "tiny").status == "loaded"
-    assert _record(host, "testing").status == "loaded"
+    assert _record(host, "sources").status == "loaded"
     broken = _record(host, "broken")
     assert broken.status == "skipped"
     assert ALLOW_ENV in broken.error
@@ -214,10 +217,10 @@ def test_a_raising_lifecycle_observer_does_not_break_the_host(
 ) -> None:
     seen: list[str] = []
 
-    def server_startup(service: Any) -> None:
+    def server_startup(server: Any) -> None:
         raise RuntimeError("observer bug")
 
-    def server_shutdown(service: Any) -> None:
+    def server_shutdown(server: Any) -> None:
         seen.append("shutdown")
 
     host = PluginHost(allow=())

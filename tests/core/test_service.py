@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from modelyard import hookimpl
+from modelyard import ServerContext, hookimpl
 from modelyard.core.errors import (
     BackendError,
     ModelNotFoundError,
@@ -33,7 +33,9 @@ from modelyard.testing import HangingBackend
 Start = Callable[..., Any]
 
 
-def _model(name: str, backend: str = "echo", task: str | None = "chat", **extra: Any) -> dict[str, Any]:
+def _model(
+    name: str, backend: str = "echo", task: str | None = "chat", **extra: Any
+) -> dict[str, Any]:
     table = {"name": name, "backend": backend, "source": ".", **extra}
     if task is not None:
         table["task"] = task
@@ -67,17 +69,17 @@ async def test_configured_models_load_and_serve(start_service: Start) -> None:
     service = await start_service(_model("chat"), _model("emb", task="embeddings"))
 
     assert service.ready()
-    _, answer = await service.infer("chat", _chat("hello world"))
+    answer = (await service.infer("chat", _chat("hello world"))).result
     assert isinstance(answer, GenerationResult) and answer.text == "hello world"
-    _, vectors = await service.infer("emb", EmbeddingRequest(("a", "b")))
+    vectors = (await service.infer("emb", EmbeddingRequest(("a", "b")))).result
     assert isinstance(vectors, EmbeddingResult) and len(vectors.embeddings) == 2
-    states = {m["name"]: m["versions"][0]["state"] for m in service.describe()}
+    states = {m.name: m.versions[0].state for m in service.model_views()}
     assert states == {"chat": "active", "emb": "active"}
 
 
 async def test_a_chat_model_also_answers_raw_completions(start_service: Start) -> None:
     service = await start_service(_model("chat"))
-    _, answer = await service.infer("chat", CompletionRequest("go on"))
+    answer = (await service.infer("chat", CompletionRequest("go on"))).result
     assert answer.text == "go on"  # type: ignore[union-attr]
 
 
@@ -100,14 +102,12 @@ async def test_unknown_models_and_versions_are_404(start_service: Start) -> None
 async def test_the_active_version_serves_and_others_are_reachable_by_label(
     start_service: Start,
 ) -> None:
-    service = await start_service(
-        _model("m", version="1"), _model("m", version="2", active=True)
-    )
-    found, _ = await service.infer("m", _chat("x"))
+    service = await start_service(_model("m", version="1"), _model("m", version="2", active=True))
+    found = (await service.infer("m", _chat("x"))).version
     assert found.version == "2"
-    found, _ = await service.infer("m", _chat("x"), version="1")
+    found = (await service.infer("m", _chat("x"), version="1")).version
     assert found.version == "1"
-    versions = {v["version"]: v["state"] for v in service.describe()[0]["versions"]}
+    versions = {v.version: v.state for v in service.model_views()[0].versions}
     assert versions == {"1": "ready", "2": "active"}
 
 
@@ -127,7 +127,7 @@ async def test_a_model_that_fails_to_load_is_503_with_the_reason(start_service: 
     assert "failed" in caught.value.detail
     assert "failing backend refused to load" in caught.value.detail
     # The other model keeps serving.
-    _, answer = await service.infer("ok", _chat("still here"))
+    answer = (await service.infer("ok", _chat("still here"))).result
     assert answer.text == "still here"  # type: ignore[union-attr]
 
 
@@ -144,7 +144,7 @@ async def test_a_missing_source_fails_the_version_not_the_server(start_service: 
     version = service.registry.entry("gone").versions["1"]
     assert version.state == VersionState.FAILED
     assert "does not exist" in version.error
-    assert (await service.infer("ok", _chat("x")))[1].text == "x"  # type: ignore[union-attr]
+    assert (await service.infer("ok", _chat("x"))).result.text == "x"  # type: ignore[union-attr]
 
 
 async def test_a_backend_failure_is_a_500_and_the_model_keeps_serving(start_service: Start) -> None:
@@ -182,12 +182,12 @@ async def test_eight_simultaneous_requests_form_one_batch(start_service: Start) 
     answers = await asyncio.gather(first, *eight)
 
     assert backend.calls == [1, 8]
-    assert [a.text for _, a in answers[1:]] == [f"n{i}" for i in range(8)]  # type: ignore[union-attr]
+    assert [a.result.text for a in answers[1:]] == [f"n{i}" for i in range(8)]  # type: ignore[union-attr]
 
 
 async def test_stream_yields_pieces_then_the_finish(start_service: Start) -> None:
     service = await start_service(_model("chat"))
-    _, chunks = await service.stream("chat", _chat("one two three"))
+    chunks = (await service.stream("chat", _chat("one two three"))).chunks
     received = [c async for c in chunks]
     assert "".join(c.text for c in received) == "one two three"
     assert received[-1].finish_reason == "stop"
@@ -240,7 +240,7 @@ async def test_unload_and_load_round_trip(start_service: Start) -> None:
 
     await service.load_model("m")
     assert service.ready()
-    assert (await service.infer("m", _chat("back")))[1].text == "back"  # type: ignore[union-attr]
+    assert (await service.infer("m", _chat("back"))).result.text == "back"  # type: ignore[union-attr]
 
 
 async def test_lifecycle_hooks_see_startup_states_and_shutdown(
@@ -251,12 +251,12 @@ async def test_lifecycle_hooks_see_startup_states_and_shutdown(
     class Observer:
         @staticmethod
         @hookimpl
-        def server_startup(service: InferenceService) -> None:
+        def server_startup(server: ServerContext) -> None:
             events.append("startup")
 
         @staticmethod
         @hookimpl
-        def server_shutdown(service: InferenceService) -> None:
+        def server_shutdown(server: ServerContext) -> None:
             events.append("shutdown")
 
         @staticmethod
@@ -273,6 +273,10 @@ async def test_lifecycle_hooks_see_startup_states_and_shutdown(
     finally:
         plugin_host.unregister("observer")
     assert events == [
-        "startup", "m:->loading", "m:loading>ready", "m:ready>active", "shutdown",
+        "startup",
+        "m:->loading",
+        "m:loading>ready",
+        "m:ready>active",
+        "shutdown",
         "m:active>unloaded",
     ]

@@ -15,6 +15,7 @@ from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
+from modelyard.core.telemetry import Telemetry
 from modelyard.core.types import EmbeddingRequest
 from modelyard.testing.clock import FakeClock
 
@@ -113,9 +114,10 @@ async def test_state_is_read_from_the_service_at_scrape_time(
          "breaker": {"window_size": 2, "minimum_calls": 2, "wait_in_open_ms": 1000}},
         {"name": "e", "backend": "echo", "source": ".", "task": "embeddings"},
     ], aliases=[{"name": "any", "targets": ["f", "e"]}])
-    service = InferenceService(settings, plugin_host, clock=fake_clock)
     metrics = Metrics(process=False)
-    metrics.watch(service)
+    service = InferenceService(  # the service makes its telemetry watch its models
+        settings, plugin_host, clock=fake_clock, telemetry=Telemetry(metrics=metrics)
+    )
     await service.start()
     try:
         await service.wait_until_loaded()

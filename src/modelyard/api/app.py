@@ -12,7 +12,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
-from modelyard import __version__
+from modelyard._version import __version__
 from modelyard.api.admin import AdminController
 from modelyard.api.exchange import Exchange
 from modelyard.api.observability import MetricsController
@@ -23,14 +23,21 @@ from modelyard.api.v2 import V2Controller
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
+from modelyard.testing.plugin import add_named_fakes
 
 __all__ = ["create_app", "load_plugins"]
 
 
-def load_plugins() -> PluginHost:
-    """A PluginHost with every ``modelyard`` entry point loaded (first-party ones included)."""
+def load_plugins(settings: Settings | None = None) -> PluginHost:
+    """A PluginHost with every ``modelyard`` entry point loaded (first-party ones included).
+
+    The fake backends of ``modelyard.testing`` join only when ``settings`` name one of them,
+    so a production server never lists them as installed.
+    """
     host = PluginHost()
     host.load_entry_points()
+    if settings is not None:
+        add_named_fakes(host, settings)
     return host
 
 
@@ -62,7 +69,7 @@ def create_app(
 
     ConfigError when auth is off on a non-loopback address (see ``Security.check_bind``).
     """
-    host = plugins if plugins is not None else load_plugins()
+    host = plugins if plugins is not None else load_plugins(settings)
     core = service if service is not None else InferenceService(settings, host)
     guard = security if security is not None else Security.from_settings(settings.auth, host)
     guard.check_bind(settings.server.host)

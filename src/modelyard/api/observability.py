@@ -99,8 +99,5 @@ class MetricsController(Controller):
         self, request: Request[Any, Any, Any], service: InferenceService
     ) -> Response[bytes]:
         """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it)."""
-        # Collected on the event loop on purpose: breakers and queues are loop-owned state.
-        if service.cache is not None:
-            service.telemetry.metrics.sync_cache(service.cache.stats())
-        body, content_type = service.telemetry.metrics.exposition(request.headers.get("accept"))
+        body, content_type = service.metrics_exposition(request.headers.get("accept"))
         return Response(body, media_type=content_type)

@@ -14,11 +14,11 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
-from modelyard.api.security import visible
-from modelyard.api.wire import cache_directive, cache_headers, model_headers
-from modelyard.cache.config import CacheDirective
+from modelyard.api.security import Caller
+from modelyard.api.wire import cache_directive, cache_headers, generation_params, model_headers
 from modelyard.core.errors import BadRequestError, ModelyardError
-from modelyard.core.registry import ModelVersion
+from modelyard.core.pipeline import StreamAnswer
+from modelyard.core.response_cache import CacheStatus
 from modelyard.core.service import InferenceService
 from modelyard.core.types import (
     ChatMessage,
@@ -104,32 +104,12 @@ def _params(body: _Sampling, max_tokens: int | None) -> GenerationParams:
         raise BadRequestError("only n=1 is supported")
     if body.logprobs:
         raise BadRequestError("logprobs are not supported")
-    stop: tuple[str, ...] = ()
-    if isinstance(body.stop, str):
-        stop = (body.stop,)
-    elif body.stop:
-        stop = tuple(body.stop)
-    bias = None
-    if body.logit_bias:
-        try:
-            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
-        except ValueError:
-            raise BadRequestError("logit_bias keys must be token ids") from None
-    raw = {
-        "max_tokens": max_tokens,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": body.top_k,
-        "seed": body.seed,
-        "stop": stop,
-        "presence_penalty": body.presence_penalty or 0.0,
-        "frequency_penalty": body.frequency_penalty or 0.0,
-        "logit_bias": bias,
-    }
-    try:
-        return msgspec.convert(raw, GenerationParams)
-    except msgspec.ValidationError as exc:
-        raise BadRequestError(f"invalid sampling parameter: {exc}") from None
+    return generation_params({
+        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+        "top_k": body.top_k, "seed": body.seed, "stop": body.stop,
+        "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+        "logit_bias": body.logit_bias,
+    })
 
 
 def _message_text(message: WireMessage, index: int) -> str:
@@ -140,13 +120,19 @@ def _message_text(message: WireMessage, index: int) -> str:
     texts = []
     for part in message.content:
         if part.type != "text" or part.text is None:
-            raise BadRequestError(f"messages[{index}]: content part type {part.type!r} is not supported")
+            raise BadRequestError(
+                f"messages[{index}]: content part type {part.type!r} is not supported"
+            )
         texts.append(part.text)
     return "".join(texts)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _encode_embedding(vector: list[float], fmt: str) -> list[float] | str:
@@ -173,13 +159,26 @@ class _SSE:
             delta: dict[str, Any] = {"content": chunk.text} if chunk.text or first else {}
             if first:
                 delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}
-        return {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": None}
+            return {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": chunk.finish_reason,
+                "logprobs": None,
+            }
+        return {
+            "index": 0,
+            "text": chunk.text,
+            "finish_reason": chunk.finish_reason,
+            "logprobs": None,
+        }
 
     def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         payload: dict[str, Any] = {
-            "id": self.id, "object": obj, "created": self.created, "model": self.model,
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
             "choices": choices,
         }
         if usage is not None:
@@ -199,24 +198,33 @@ class _SSE:
         except asyncio.CancelledError:
             raise
         except ModelyardError as exc:
-            yield self._event({"error": {"message": exc.detail, "type": exc.type_slug,
-                                         "code": exc.status_code}})
+            yield self._event(
+                {"error": {"message": exc.detail, "type": exc.type_slug, "code": exc.status_code}}
+            )
         except Exception:  # noqa: BLE001 - the stream is already 200; report in-band
-            yield self._event({"error": {"message": "backend failed mid-stream",
-                                         "type": "backend-error", "code": 500}})
+            yield self._event(
+                {
+                    "error": {
+                        "message": "backend failed mid-stream",
+                        "type": "backend-error",
+                        "code": 500,
+                    }
+                }
+            )
         else:
             if self.include_usage and usage is not None:
                 yield self._frame([], usage)
         yield b"data: [DONE]\n\n"
 
 
-def _stream_response(
-    sse: _SSE, version: ModelVersion, chunks: AsyncIterator[StreamChunk],
-    directive: CacheDirective | None = None,
-) -> Stream:
-    headers = {**model_headers(version), **cache_headers(directive), "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
-    return Stream(sse.events(chunks), media_type="text/event-stream", headers=headers)
+def _stream_response(sse: _SSE, answer: StreamAnswer) -> Stream:
+    headers = {
+        **model_headers(answer.version),
+        **cache_headers(answer.cache),
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
+    return Stream(sse.events(answer.chunks), media_type="text/event-stream", headers=headers)
 
 
 # -- routes --------------------------------------------------------------------------------
@@ -227,21 +235,21 @@ class OpenAIController(Controller):
     tags = ("OpenAI",)
 
     @get("/models")
-    async def list_models(
-        self, service: InferenceService, request: Request[Any, Any, Any]
-    ) -> dict[str, Any]:
+    async def list_models(self, service: InferenceService, principal: Caller) -> dict[str, Any]:
         """Models that can answer now (their active version serving) and the caller may use."""
-        data = []
-        for entry in service.registry:
-            active = entry.active
-            if active is None or not active.serving or not visible(request, entry.name):
-                continue
-            data.append({
-                "id": entry.name, "object": "model", "created": int(service.started_wall),
-                "owned_by": "modelyard", "version": active.version,
-                "task": active.task.value if active.task else None,
-                "backend": active.spec.backend.name,
-            })
+        created = int(service.started_wall)
+        data = [
+            {
+                "id": card.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "modelyard",
+                "version": card.version,
+                "task": card.task.value if card.task else None,
+                "backend": card.backend,
+            }
+            for card in service.model_cards(principal)
+        ]
         return {"object": "list", "data": data}
 
     @post("/chat/completions", status_code=200)
@@ -257,22 +265,29 @@ class OpenAIController(Controller):
         chat = ChatRequest(messages, _params(data, data.max_completion_tokens or data.max_tokens))
         directive = cache_directive(request)
         if data.stream:
-            version, chunks = await service.stream(data.model, chat, cache=directive)
+            started = await service.stream(data.model, chat, cache=directive)
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return _stream_response(_SSE("chat", version.name, include), version, chunks, directive)
-        version, result = await service.infer(data.model, chat, cache=directive)
+            return _stream_response(_SSE("chat", started.version.name, include), started)
+        answer = await service.infer(data.model, chat, cache=directive)
+        version, result = answer.version, answer.result
         assert isinstance(result, GenerationResult)
         body = {
-            "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
-            "created": int(time.time()), "model": version.name,
+            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": version.name,
             "system_fingerprint": f"{version.name}:{version.version}",
-            "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason, "logprobs": None,
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
             "usage": _usage(result.prompt_tokens, result.completion_tokens),
         }
-        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
+        return Response(body, headers={**model_headers(version), **cache_headers(answer.cache)})
 
     @post("/completions", status_code=200)
     async def completions(
@@ -286,35 +301,41 @@ class OpenAIController(Controller):
         if data.stream:
             if len(prompts) != 1:
                 raise BadRequestError("streaming takes a single prompt")
-            directive = cache_directive(request)
-            version, chunks = await service.stream(
-                data.model, CompletionRequest(prompts[0], params), cache=directive
+            started = await service.stream(
+                data.model, CompletionRequest(prompts[0], params), cache=cache_directive(request)
             )
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return _stream_response(_SSE("text", version.name, include), version, chunks, directive)
-        directives = [cache_directive(request) for _ in prompts]
-        answers = await asyncio.gather(*(
-            service.infer(data.model, CompletionRequest(p, params), cache=d)
-            for p, d in zip(prompts, directives, strict=True)
-        ))
-        version = answers[0][0]
+            return _stream_response(_SSE("text", started.version.name, include), started)
+        directive = cache_directive(request)
+        answers = await asyncio.gather(
+            *(
+                service.infer(data.model, CompletionRequest(p, params), cache=directive)
+                for p in prompts
+            )
+        )
+        version = answers[0].version
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, (_, result) in enumerate(answers):
+        for i, answer in enumerate(answers):
+            result = answer.result
             assert isinstance(result, GenerationResult)
             text = (prompts[i] + result.text) if data.echo else result.text
-            choices.append({"index": i, "text": text, "finish_reason": result.finish_reason,
-                            "logprobs": None})
+            choices.append(
+                {"index": i, "text": text, "finish_reason": result.finish_reason, "logprobs": None}
+            )
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
         body = {
-            "id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion",
-            "created": int(time.time()), "model": version.name,
+            "id": "cmpl-" + uuid.uuid4().hex,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": version.name,
             "system_fingerprint": f"{version.name}:{version.version}",
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
+            "choices": choices,
+            "usage": _usage(prompt_tokens, completion_tokens),
         }
-        statuses = {d.status if d is not None else "BYPASS" for d in directives}
-        status = statuses.pop() if len(statuses) == 1 else "MISS"
-        return Response(body, headers={**model_headers(version), "X-Cache": status})
+        statuses = {answer.cache for answer in answers}
+        status = statuses.pop() if len(statuses) == 1 else CacheStatus.MISS
+        return Response(body, headers={**model_headers(version), **cache_headers(status)})
 
     @post("/embeddings", status_code=200)
     async def embeddings(
@@ -329,25 +350,38 @@ class OpenAIController(Controller):
             raise BadRequestError("input must be text; token-id arrays are not supported")
         if not texts:
             raise BadRequestError("input must not be empty")
-        directive = cache_directive(request)
-        version, result = await service.infer(
-            data.model, EmbeddingRequest(tuple(texts)), cache=directive
+        answer = await service.infer(
+            data.model, EmbeddingRequest(tuple(texts)), cache=cache_directive(request)
         )
+        version, result = answer.version, answer.result
         assert isinstance(result, EmbeddingResult)
-        if data.dimensions is not None and result.embeddings and data.dimensions != len(result.embeddings[0]):
+        if (
+            data.dimensions is not None
+            and result.embeddings
+            and data.dimensions != len(result.embeddings[0])
+        ):
             raise BadRequestError(
-                f"model {version.name!r} has {len(result.embeddings[0])} dimensions, not {data.dimensions}"
+                f"model {version.name!r} has {len(result.embeddings[0])} dimensions, "
+                f"not {data.dimensions}"
             )
         body = {
-            "object": "list", "model": version.name,
+            "object": "list",
+            "model": version.name,
             "data": [
-                {"object": "embedding", "index": i, "embedding": _encode_embedding(v, data.encoding_format)}
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": _encode_embedding(v, data.encoding_format),
+                }
                 for i, v in enumerate(result.embeddings)
             ],
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens,
-                      "truncated_inputs": result.truncated_inputs},
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "total_tokens": result.prompt_tokens,
+                "truncated_inputs": result.truncated_inputs,
+            },
         }
-        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
+        return Response(body, headers={**model_headers(version), **cache_headers(answer.cache)})
 
     @post("/classify", status_code=200)
     async def classify(
@@ -357,22 +391,25 @@ class OpenAIController(Controller):
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not texts:
             raise BadRequestError("input must not be empty")
-        directive = cache_directive(request)
-        version, result = await service.infer(
-            data.model, ClassificationRequest(tuple(texts), top_k=data.top_k), cache=directive
+        answer = await service.infer(
+            data.model,
+            ClassificationRequest(tuple(texts), top_k=data.top_k),
+            cache=cache_directive(request),
         )
+        version, result = answer.version, answer.result
         assert isinstance(result, ClassificationResult)
         body = {
-            "object": "list", "model": version.name,
+            "object": "list",
+            "model": version.name,
             "data": [
                 {"index": i, "labels": [{"label": lb.label, "score": lb.score} for lb in labels]}
                 for i, labels in enumerate(result.labels)
             ],
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return Response(body, headers={**model_headers(version), **cache_headers(directive)})
+        return Response(body, headers={**model_headers(version), **cache_headers(answer.cache)})
 
     @get("/plugins")
     async def plugins(self, service: InferenceService) -> dict[str, Any]:
         """Every plugin found: loaded, skipped or failed (with the error text)."""
-        return {"plugins": [msgspec.to_builtins(r) for r in service.plugins.records]}
+        return {"plugins": [msgspec.to_builtins(r) for r in service.plugin_records()]}

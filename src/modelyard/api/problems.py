@@ -76,12 +76,21 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
         errors = exc.extra if isinstance(exc.extra, list) else []
         if errors:
             extra["errors"] = [
-                {"message": e.get("message", ""), "key": e.get("key", ""), "source": e.get("source", "")}
-                for e in errors if isinstance(e, dict)
+                {
+                    "message": e.get("message", ""),
+                    "key": e.get("key", ""),
+                    "source": e.get("source", ""),
+                }
+                for e in errors
+                if isinstance(e, dict)
             ]
-            detail = "; ".join(
-                f"{e['key']}: {e['message']}" if e["key"] else e["message"] for e in extra["errors"]
-            ) or detail
+            detail = (
+                "; ".join(
+                    f"{e['key']}: {e['message']}" if e["key"] else e["message"]
+                    for e in extra["errors"]
+                )
+                or detail
+            )
     if isinstance(exc.__cause__, SerializationException):
         # Litestar passes on msgspec's bare text ("Input data was truncated"); say what it is.
         slug = "malformed-json"
@@ -92,16 +101,24 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, detail)
     headers = dict(exc.headers or {})
     return problem_response(
-        request, status=status, title=_HTTP_TITLES.get(status, "Error"), detail=detail,
-        type_slug=slug, headers=headers, extra=extra,
+        request,
+        status=status,
+        title=_HTTP_TITLES.get(status, "Error"),
+        detail=detail,
+        type_slug=slug,
+        headers=headers,
+        extra=extra,
     )
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
-        request, status=500, title="Internal Server Error",
-        detail="the server hit an unexpected error; it has been logged", type_slug="internal",
+        request,
+        status=500,
+        title="Internal Server Error",
+        detail="the server hit an unexpected error; it has been logged",
+        type_slug="internal",
     )
 
 

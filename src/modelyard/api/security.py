@@ -16,12 +16,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from litestar import Litestar, Request
 from litestar.connection import ASGIConnection
+from litestar.params import Dependency
 from litestar.routes import HTTPRoute
 from litestar.types import Message, Scope
 
@@ -41,6 +41,7 @@ from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, Rate
 
 __all__ = [
     "POLICIES",
+    "Caller",
     "PUBLIC_PREFIXES",
     "ROLE_PERMISSIONS",
     "Permission",
@@ -53,7 +54,6 @@ __all__ = [
     "policy_for",
     "principal_of",
     "provide_principal",
-    "visible",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,7 @@ def policy_for(method: str, path_template: str) -> Policy | None:
 
 def model_allowed(principal: Principal, model: str) -> bool:
     """Whether the principal's model scopes (names or ``fnmatch`` patterns) cover ``model``."""
-    scopes = principal.model_scopes
-    return scopes is None or any(fnmatchcase(model, pattern) for pattern in scopes)
+    return principal.may_use(model)
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
@@ -159,10 +158,9 @@ def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | 
     return found if isinstance(found, Principal) else None
 
 
-def visible(connection: ASGIConnection[Any, Any, Any, Any], model: str) -> bool:
-    """Whether a listing shown to this request's caller includes ``model``."""
-    principal = principal_of(connection)
-    return principal is not None and model_allowed(principal, model)
+#: A handler parameter for the caller, from the ``principal`` dependency. Not re-validated:
+#: it may be a Principal subclass (an API key with its own rate limit).
+Caller = Annotated[Principal, Dependency(skip_validation=True)]
 
 
 def provide_principal(request: Request[Any, Any, Any]) -> Principal:
@@ -248,7 +246,11 @@ class Security:
 
     @classmethod
     def from_settings(
-        cls, settings: AuthSettings, plugins: PluginHost, *, clock: Callable[[], float] = time.monotonic
+        cls,
+        settings: AuthSettings,
+        plugins: PluginHost,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Security:
         """Build the configured providers (options validated by each provider's own Struct)."""
         providers: list[AuthProvider] = []
@@ -258,7 +260,8 @@ class Security:
             if provider_cls is None:
                 installed = ", ".join(sorted(plugins.auth_providers)) or "none"
                 raise ConfigError(
-                    f"{where}.provider: unknown auth provider {entry.provider!r}; installed: {installed}"
+                    f"{where}.provider: unknown auth provider {entry.provider!r}; "
+                    f"installed: {installed}"
                 )
             try:
                 options = msgspec.convert(entry.options, provider_cls.options_type)
@@ -282,8 +285,8 @@ class Security:
         """Authenticate, rate-limit and authorise one request; raise the refusal, or pass.
 
         Installed as the app's ``before_request`` hook rather than as a Litestar guard: a
-        guard is handed a fresh copy of the route handler on every call, which cost ~4 % of
-        the event loop's time per request. Litestar resolves one ``before_request`` per
+        guard is handed a fresh copy of the route handler on every call, a cost paid on the
+        event loop for every request. Litestar resolves one ``before_request`` per
         handler (the closest layer's), so ``create_app`` refuses to start when any route
         resolves another (see :func:`assert_checked`).
         """
@@ -311,7 +314,10 @@ class Security:
         context.action = policy.action
 
     async def _authenticate(
-        self, connection: ASGIConnection[Any, Any, Any, Any], client: str, target: str,
+        self,
+        connection: ASGIConnection[Any, Any, Any, Any],
+        client: str,
+        target: str,
         context: _Context,
     ) -> Principal:
         if not self.enabled:
@@ -320,8 +326,13 @@ class Security:
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         if not header:
-            raise self._unauthorized(UnauthorizedError("credentials required"), client, target,
-                                     context, challenge=f'Bearer realm="{REALM}"')
+            raise self._unauthorized(
+                UnauthorizedError("credentials required"),
+                client,
+                target,
+                context,
+                challenge=f'Bearer realm="{REALM}"',
+            )
         if not scheme or not token:
             raise self._unauthorized(
                 UnauthorizedError("malformed Authorization header"), client, target, context
@@ -334,16 +345,28 @@ class Security:
                 raise self._unauthorized(exc, client, target, context) from None
             if principal is not None:
                 return principal
-        raise self._unauthorized(UnauthorizedError("credential not recognised"), client, target,
-                                 context)
+        raise self._unauthorized(
+            UnauthorizedError("credential not recognised"), client, target, context
+        )
 
     def _unauthorized(
-        self, exc: UnauthorizedError, client: str, target: str, context: _Context,
-        *, challenge: str | None = None,
+        self,
+        exc: UnauthorizedError,
+        client: str,
+        target: str,
+        context: _Context,
+        *,
+        challenge: str | None = None,
     ) -> Exception:
         """401 with a WWW-Authenticate challenge (RFC 6750); 429 once a client keeps failing."""
-        self.audit.record("auth.failure", result="denied", target=target, client=client,
-                          status=401, detail=exc.detail)
+        self.audit.record(
+            "auth.failure",
+            result="denied",
+            target=target,
+            client=client,
+            status=401,
+            detail=exc.detail,
+        )
         if self.metrics is not None:
             self.metrics.auth_failure("missing" if challenge else "invalid")
         limit = self.settings.rate_limits.get(ANONYMOUS)
@@ -356,8 +379,8 @@ class Security:
         reason = exc.detail.replace("\\", "").replace('"', "'")
         exc.headers.setdefault(
             "WWW-Authenticate",
-            challenge or f'Bearer realm="{REALM}", error="invalid_token", '
-                         f'error_description="{reason}"',
+            challenge
+            or f'Bearer realm="{REALM}", error="invalid_token", error_description="{reason}"',
         )
         return exc
 
@@ -396,13 +419,24 @@ class Security:
             return
         roles = sorted(r for r, perms in ROLE_PERMISSIONS.items() if policy.permission in perms)
         detail = f"this needs the role {' or '.join(roles)}"
-        self.audit.record("access.denied", result="denied", principal=principal.id, target=target,
-                          client=client, status=403, detail=detail)
+        self.audit.record(
+            "access.denied",
+            result="denied",
+            principal=principal.id,
+            target=target,
+            client=client,
+            status=403,
+            detail=detail,
+        )
         raise ForbiddenError(detail)
 
     async def _check_model(
-        self, connection: ASGIConnection[Any, Any, Any, Any], principal: Principal, policy: Policy,
-        client: str, target: str,
+        self,
+        connection: ASGIConnection[Any, Any, Any, Any],
+        principal: Principal,
+        policy: Policy,
+        client: str,
+        target: str,
     ) -> None:
         if policy.model is None or principal.model_scopes is None:
             return
@@ -415,8 +449,15 @@ class Security:
         if model_allowed(principal, model):
             return
         detail = f"not allowed to use model {model!r}"
-        self.audit.record("access.denied", result="denied", principal=principal.id, target=target,
-                          client=client, status=403, detail=detail)
+        self.audit.record(
+            "access.denied",
+            result="denied",
+            principal=principal.id,
+            target=target,
+            client=client,
+            status=403,
+            detail=detail,
+        )
         raise ForbiddenError(detail)
 
     # -- the response hook -----------------------------------------------------------------
@@ -439,9 +480,12 @@ class Security:
         if context.action:
             status = int(message.get("status", 0))  # type: ignore[call-overload]
             self.audit.record(
-                context.action, result="ok" if status < 400 else "failed",
-                principal=context.principal, target=f"{scope.get('method', '')} {scope['path']}",
-                client=context.client, status=status,
+                context.action,
+                result="ok" if status < 400 else "failed",
+                principal=context.principal,
+                target=f"{scope.get('method', '')} {scope['path']}",
+                client=context.client,
+                status=status,
             )
 
 
@@ -452,7 +496,9 @@ async def _body_model(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     try:
         return msgspec.json.decode(await connection.body(), type=_ModelMember).model
     except (msgspec.DecodeError, msgspec.ValidationError):
-        raise BadRequestError("the request body must be a JSON object with a string 'model'") from None
+        raise BadRequestError(
+            "the request body must be a JSON object with a string 'model'"
+        ) from None
 
 
 def _ratelimit_fields(policy: str, decision: Decision) -> dict[str, str]:

@@ -26,10 +26,9 @@ class DrainingServer(uvicorn.Server):
         self._service = service
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self._service.draining:
+        if self._service.drain():
             log.info("signal %d: draining (ready -> 503), grace %ss", sig,
                      self.config.timeout_graceful_shutdown)
-        self._service.draining = True
         super().handle_exit(sig, frame)
 
 
@@ -57,9 +56,9 @@ def tune_gc() -> None:
     A request allocates a few hundred short-lived objects; at Python's default threshold (700)
     the collector runs every few requests and, every tenth time, walks the older generation
     holding everything imported at startup. ``gc.freeze`` moves those objects out of the
-    collector's view and a larger first threshold batches the young collections: on a 2-core
-    machine this cut the server's CPU per request by about 12 % (bench/onnx_embeddings.py).
-    Cycles are still collected; memory held by young garbage stays bounded by the threshold.
+    collector's view and a larger first threshold batches the young collections, which lowers
+    the server's CPU per request (measure with bench/onnx_embeddings.py). Cycles are still
+    collected; memory held by young garbage stays bounded by the threshold.
     """
     gc.collect()
     gc.freeze()

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelyard.cache.codec import CorruptValue, ResultCodec
-from modelyard.cache.keys import KeyFields, cache_key, derive_secrets, is_cacheable, request_fields
+from modelyard.cache.keys import (
+    KeyFields,
+    cache_key,
+    derive_secrets,
+    is_cacheable,
+    request_fields,
+    weights_digest,
+)
 from modelyard.core.cache_tier import CacheTier
 from modelyard.core.types import GenerationResult, InferenceRequest, InferenceResult, StreamChunk
 
@@ -64,7 +71,9 @@ class PurgeGenerations:
             raw = json.loads(self._path.read_text())
         except (OSError, ValueError) as exc:
             # Unknown generations could revive purged entries: start a fresh world instead.
-            log.warning("cannot read %s (%s); every cached entry is treated as purged", self._path, exc)
+            log.warning(
+                "cannot read %s (%s); every cached entry is treated as purged", self._path, exc
+            )
             return {_ALL: secrets.token_hex(8)}
         if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
             return {_ALL: secrets.token_hex(8)}
@@ -81,7 +90,9 @@ class PurgeGenerations:
         if self._path is None:
             self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
             return
-        lock = os.open(self._path.with_name(GENERATIONS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(
+            self._path.with_name(GENERATIONS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
         try:
             # Read-modify-write under a lock: two workers purging at once both take effect.
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -169,11 +180,22 @@ class CacheLayer:
             return None
         task, params, payload = request_fields(request)
         fields = KeyFields(
-            model=model, version=version, weights_digest=weights_digest, backend=backend,
-            backend_version=backend_version, tenant=tenant,
-            generation=self._generations.token(model), task=task, params=params, input=payload,
+            model=model,
+            version=version,
+            weights_digest=weights_digest,
+            backend=backend,
+            backend_version=backend_version,
+            tenant=tenant,
+            generation=self._generations.token(model),
+            task=task,
+            params=params,
+            input=payload,
         )
         return cache_key(self._key_secret, fields)
+
+    def weights_digest(self, path: Path) -> str:
+        """blake3 of the weight files at ``path`` (part of every key); reads files: off the loop."""
+        return weights_digest(path)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -320,7 +342,8 @@ class CacheLayer:
                 await closer()
         if final is not None and final.finish_reason is not None:
             result = GenerationResult(
-                text="".join(texts), finish_reason=final.finish_reason,
+                text="".join(texts),
+                finish_reason=final.finish_reason,
                 prompt_tokens=final.prompt_tokens or 0,
                 completion_tokens=final.completion_tokens or 0,
             )
@@ -350,14 +373,22 @@ class CacheLayer:
         tiers = []
         for i, tier in enumerate(self.tiers):
             own = getattr(tier, "stats", None)
-            tiers.append({
-                "tier": tier.name, "hits": s.tier_hits[self._tier_label(i)],
-                **(own() if callable(own) else {}),
-            })
+            tiers.append(
+                {
+                    "tier": tier.name,
+                    "hits": s.tier_hits[self._tier_label(i)],
+                    **(own() if callable(own) else {}),
+                }
+            )
         return {
-            "hits": s.hits, "misses": s.misses, "coalesced": s.coalesced,
-            "refreshes": s.refreshes, "errors": s.errors, "corrupt": s.corrupt,
-            "tier_errors": s.tier_errors, "in_flight": len(self._flights),
+            "hits": s.hits,
+            "misses": s.misses,
+            "coalesced": s.coalesced,
+            "refreshes": s.refreshes,
+            "errors": s.errors,
+            "corrupt": s.corrupt,
+            "tier_errors": s.tier_errors,
+            "in_flight": len(self._flights),
             "hit_ratio": round(s.hits / looked, 4) if looked else 0.0,
             "tiers": tiers,
         }
@@ -391,6 +422,8 @@ async def replay_stream(result: GenerationResult) -> AsyncIterator[StreamChunk]:
     for piece in _PIECES.findall(result.text):
         yield StreamChunk(text=piece)
     yield StreamChunk(
-        text="", finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+        text="",
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 import msgspec
@@ -18,6 +19,11 @@ class Principal(msgspec.Struct, frozen=True):
     roles: frozenset[str] = frozenset()
     model_scopes: frozenset[str] | None = None
     tenant: str = ""
+
+    def may_use(self, model: str) -> bool:
+        """Whether the model scopes (names or ``fnmatch`` patterns) cover ``model``."""
+        scopes = self.model_scopes
+        return scopes is None or any(fnmatchcase(model, pattern) for pattern in scopes)
 
 
 class Credentials(msgspec.Struct, frozen=True):

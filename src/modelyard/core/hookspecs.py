@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -10,9 +11,13 @@ import pluggy
 if TYPE_CHECKING:
     from modelyard.core.auth import AuthProvider
     from modelyard.core.backend import Backend
+    from modelyard.core.cache_settings import CacheSettings
     from modelyard.core.cache_tier import CacheTier
-    from modelyard.core.registry import ModelVersion, VersionState
-    from modelyard.core.service import InferenceService
+    from modelyard.core.context import ServerContext
+    from modelyard.core.registry import VersionState
+    from modelyard.core.response_cache import ResponseCache
+    from modelyard.core.sources import SourceScheme
+    from modelyard.core.views import VersionView
 
 PROJECT = "modelyard"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,17 +42,29 @@ def register_cache_tiers(register: Callable[[type[CacheTier]], None]) -> None:
 
 
 @hookspec
-def server_startup(service: InferenceService) -> None:
+def register_source_schemes(register: Callable[[type[SourceScheme]], None]) -> None:
+    """Register SourceScheme subclasses (``s3:``, ``hf:``, ...) by calling ``register(cls)``."""
+
+
+@hookspec(firstresult=True)
+def open_response_cache(
+    settings: CacheSettings, tiers: Mapping[str, type[CacheTier]], directory: Path
+) -> ResponseCache | None:
+    """Build the response cache for an enabled ``[cache]`` section; the first answer wins."""
+
+
+@hookspec
+def server_startup(server: ServerContext) -> None:
     """Observe the server starting, after plugins load and before models load."""
 
 
 @hookspec
-def server_shutdown(service: InferenceService) -> None:
+def server_shutdown(server: ServerContext) -> None:
     """Observe the server stopping, after requests drain and before models unload."""
 
 
 @hookspec
 def model_version_state_changed(
-    version: ModelVersion, old: VersionState | None, new: VersionState
+    version: VersionView, old: VersionState | None, new: VersionState
 ) -> None:
     """Observe a model version moving between states (loading, ready, active, ...)."""

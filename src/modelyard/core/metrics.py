@@ -3,7 +3,7 @@
 Counters and histograms that events drive (requests, queue waits, batches, tokens, loads,
 swaps) are recorded as the events happen, through children bound once per model version so
 the hot path does no label lookups. Everything that is state (queue depth, breaker state,
-version state, failover counters the chains keep anyway) is read from the service when
+version state, failover counters the chains keep anyway) is read from the registry when
 Prometheus scrapes, so it costs nothing between scrapes and can never drift from the truth.
 
 One process by design: the registry lives in the serving process. Scale out with more
@@ -12,7 +12,7 @@ processes behind a balancer and scrape each one (see docs/observability.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -28,13 +28,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from modelyard import __version__
+from modelyard._version import __version__
 from modelyard.core.breaker import CircuitState
 from modelyard.core.registry import VersionState
 
 if TYPE_CHECKING:
-    from modelyard.core.registry import ModelVersion
-    from modelyard.core.service import InferenceService
+    from modelyard.core.failover import FailoverChain
+    from modelyard.core.registry import ModelRegistry, ModelVersion
 
 __all__ = ["Metrics", "VersionMetrics", "exposition"]
 
@@ -121,9 +121,15 @@ class Metrics:
         def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
             return Counter(f"{PREFIX}_{name}", doc, labelnames=tuple(labels), registry=r)
 
-        def histogram(name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]) -> Histogram:
+        def histogram(
+            name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]
+        ) -> Histogram:
             return Histogram(
-                f"{PREFIX}_{name}", doc, labelnames=tuple(labels), buckets=tuple(buckets), registry=r
+                f"{PREFIX}_{name}",
+                doc,
+                labelnames=tuple(labels),
+                buckets=tuple(buckets),
+                registry=r,
             )
 
         def gauge(name: str, doc: str, labels: Iterable[str]) -> Gauge:
@@ -137,33 +143,44 @@ class Metrics:
             "requests", "Inference requests answered, by HTTP status.", [*BACKEND_LABELS, "status"]
         )
         self.request_duration = histogram(
-            "request_duration_seconds", "Inference request duration as the client saw it "
-            "(a stream until its last byte).", BACKEND_LABELS, REQUEST_BUCKETS,
+            "request_duration_seconds",
+            "Inference request duration as the client saw it (a stream until its last byte).",
+            BACKEND_LABELS,
+            REQUEST_BUCKETS,
         )
         self.http_requests = counter(
-            "http_requests", "Every HTTP request, by route template and status.",
+            "http_requests",
+            "Every HTTP request, by route template and status.",
             ["method", "route", "status"],
         )
         # -- batching -------------------------------------------------------------------------
         self.queue_wait = histogram(
-            "queue_wait_seconds", "Time a request waited in its version's batch queue.",
-            MODEL_LABELS, QUEUE_BUCKETS,
+            "queue_wait_seconds",
+            "Time a request waited in its version's batch queue.",
+            MODEL_LABELS,
+            QUEUE_BUCKETS,
         )
         self.batch_size = histogram(
             "batch_size", "Requests per backend call.", MODEL_LABELS, BATCH_BUCKETS
         )
         self.backend_call = histogram(
-            "backend_call_duration_seconds", "Duration of one batched backend call.",
-            BACKEND_LABELS, REQUEST_BUCKETS,
+            "backend_call_duration_seconds",
+            "Duration of one batched backend call.",
+            BACKEND_LABELS,
+            REQUEST_BUCKETS,
         )
         # -- generation -----------------------------------------------------------------------
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "Time from the start of a stream to its first text.",
-            MODEL_LABELS, TTFT_BUCKETS,
+            "time_to_first_token_seconds",
+            "Time from the start of a stream to its first text.",
+            MODEL_LABELS,
+            TTFT_BUCKETS,
         )
         self.inter_token_latency = histogram(
-            "inter_token_latency_seconds", "Time between consecutive streamed text chunks.",
-            MODEL_LABELS, ITL_BUCKETS,
+            "inter_token_latency_seconds",
+            "Time between consecutive streamed text chunks.",
+            MODEL_LABELS,
+            ITL_BUCKETS,
         )
         self.prompt_tokens = counter(
             "prompt_tokens", "Prompt (input) tokens processed.", MODEL_LABELS
@@ -173,26 +190,33 @@ class Metrics:
         )
         # -- model lifecycle ------------------------------------------------------------------
         self.load_duration = histogram(
-            "model_load_duration_seconds", "Time to load a model version (source, load, health).",
-            BACKEND_LABELS, LOAD_BUCKETS,
+            "model_load_duration_seconds",
+            "Time to load a model version (source, load, health).",
+            BACKEND_LABELS,
+            LOAD_BUCKETS,
         )
-        self.swaps = counter("model_swaps", "Active-version swaps (canary promotions included).",
-                             ["model"])
+        self.swaps = counter(
+            "model_swaps", "Active-version swaps (canary promotions included).", ["model"]
+        )
         self.rollbacks = counter(
-            "model_rollbacks", "Returns to a previous version: manual or canary (automatic).",
+            "model_rollbacks",
+            "Returns to a previous version: manual or canary (automatic).",
             ["model", "reason"],
         )
         # -- cache (recorded by the cache layer through the methods below) --------------------
         self.cache_hits = counter("cache_hits", "Cache lookups answered by a tier.", ["tier"])
-        self.cache_misses = counter("cache_misses", "Cache lookups a tier could not answer.",
-                                    ["tier"])
+        self.cache_misses = counter(
+            "cache_misses", "Cache lookups a tier could not answer.", ["tier"]
+        )
         self.cache_size = gauge("cache_bytes", "Bytes held by a cache tier.", ["tier"])
         self.cache_dedup = gauge(
-            "cache_dedup_ratio", "Bytes written by callers / bytes stored (1 = no saving).",
+            "cache_dedup_ratio",
+            "Bytes written by callers / bytes stored (1 = no saving).",
             ["tier"],
         )
         self.cache_coalesced = counter(
-            "cache_coalesced_requests", "Requests that shared an identical in-flight request.",
+            "cache_coalesced_requests",
+            "Requests that shared an identical in-flight request.",
             ["model"],
         )
         # -- security (recorded by the auth layer) --------------------------------------------
@@ -281,9 +305,9 @@ class Metrics:
 
     # -- state read at scrape time ------------------------------------------------------------
 
-    def watch(self, service: InferenceService) -> None:
-        """Export the service's state (queues, breakers, versions, failovers) on every scrape."""
-        self.registry.register(_ServiceCollector(service))
+    def watch(self, models: ModelRegistry, aliases: Mapping[str, FailoverChain]) -> None:
+        """Export queues, breakers, versions and failovers on every scrape."""
+        self.registry.register(_StateCollector(models, aliases))
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry in the format ``accept`` asks for (Prometheus text or OpenMetrics)."""
@@ -295,11 +319,12 @@ def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[
     return encoder(registry), content_type
 
 
-class _ServiceCollector(Collector):
-    """Reads queue depths, breaker and version states and failover counts from the service."""
+class _StateCollector(Collector):
+    """Reads queue depths, breaker and version states and failover counts at scrape time."""
 
-    def __init__(self, service: InferenceService) -> None:
-        self._service = service
+    def __init__(self, models: ModelRegistry, aliases: Mapping[str, FailoverChain]) -> None:
+        self._models = models
+        self._aliases = aliases
 
     def describe(self) -> Iterator[Any]:
         # Empty families: the registry learns the names without collecting the service.
@@ -308,10 +333,10 @@ class _ServiceCollector(Collector):
     def collect(self) -> Iterator[Any]:
         families = self._families()
         depth, state, version_state, progress, transitions, failovers, exhausted = families
-        for entry in self._service.registry:
+        for entry in self._models:
             for v in entry.versions.values():
                 _version_samples(v, depth, state, version_state, progress, transitions)
-        for chain in self._service.aliases.values():
+        for chain in self._aliases.values():
             failovers.add_metric([chain.name], chain.failovers)
             exhausted.add_metric([chain.name], chain.exhausted)
         return iter(families)
@@ -319,20 +344,41 @@ class _ServiceCollector(Collector):
     @staticmethod
     def _families() -> list[Any]:
         return [
-            GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting in a version's batch "
-                              "queue.", labels=MODEL_LABELS),
-            GaugeMetricFamily(f"{PREFIX}_circuit_breaker_state", "1 for the breaker's current "
-                              "state, 0 for the others.", labels=[*MODEL_LABELS, "state"]),
-            GaugeMetricFamily(f"{PREFIX}_model_version_state", "1 for the version's current "
-                              "state, 0 for the others.", labels=[*BACKEND_LABELS, "state"]),
-            GaugeMetricFamily(f"{PREFIX}_model_load_progress_ratio", "Load progress of a "
-                              "version, 0 to 1.", labels=MODEL_LABELS),
-            CounterMetricFamily(f"{PREFIX}_circuit_breaker_transitions", "Breaker state "
-                                "changes.", labels=[*MODEL_LABELS, "from_state", "to_state"]),
-            CounterMetricFamily(f"{PREFIX}_failovers", "Times a request to an alias moved on to "
-                                "its next target.", labels=["alias"]),
-            CounterMetricFamily(f"{PREFIX}_failover_exhausted", "Alias requests no target could "
-                                "answer (503).", labels=["alias"]),
+            GaugeMetricFamily(
+                f"{PREFIX}_queue_depth",
+                "Requests waiting in a version's batch queue.",
+                labels=MODEL_LABELS,
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_circuit_breaker_state",
+                "1 for the breaker's current state, 0 for the others.",
+                labels=[*MODEL_LABELS, "state"],
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_model_version_state",
+                "1 for the version's current state, 0 for the others.",
+                labels=[*BACKEND_LABELS, "state"],
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_model_load_progress_ratio",
+                "Load progress of a version, 0 to 1.",
+                labels=MODEL_LABELS,
+            ),
+            CounterMetricFamily(
+                f"{PREFIX}_circuit_breaker_transitions",
+                "Breaker state changes.",
+                labels=[*MODEL_LABELS, "from_state", "to_state"],
+            ),
+            CounterMetricFamily(
+                f"{PREFIX}_failovers",
+                "Times a request to an alias moved on to its next target.",
+                labels=["alias"],
+            ),
+            CounterMetricFamily(
+                f"{PREFIX}_failover_exhausted",
+                "Alias requests no target could answer (503).",
+                labels=["alias"],
+            ),
         ]
 
 
@@ -351,8 +397,9 @@ def _version_samples(
     for breaker_state in CircuitState:
         state.add_metric([*mv, breaker_state.value], 1.0 if breaker_state is current else 0.0)
     for lifecycle in VersionState:
-        version_state.add_metric([*mv, v.spec.backend.name, lifecycle.value],
-                                 1.0 if v.state is lifecycle else 0.0)
+        version_state.add_metric(
+            [*mv, v.spec.backend.name, lifecycle.value], 1.0 if v.state is lifecycle else 0.0
+        )
     progress.add_metric(mv, v.progress / 100.0)
     for (old, new), count in sorted(v.breaker.transitions.items()):
         transitions.add_metric([*mv, old.value, new.value], count)

@@ -7,6 +7,7 @@ import logging
 import os
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,10 +18,14 @@ from modelyard.core import hookspecs
 from modelyard.core.auth import AuthProvider
 from modelyard.core.backend import Backend
 from modelyard.core.cache_tier import CacheTier
+from modelyard.core.sources import SourceScheme
 
 if TYPE_CHECKING:
-    from modelyard.core.registry import ModelVersion, VersionState
-    from modelyard.core.service import InferenceService
+    from modelyard.core.cache_settings import CacheSettings
+    from modelyard.core.context import ServerContext
+    from modelyard.core.registry import VersionState
+    from modelyard.core.response_cache import ResponseCache
+    from modelyard.core.views import VersionView
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginHost", "PluginRecord", "PluginUnavailable"]
 
@@ -29,7 +34,7 @@ ALLOW_ENV = "MODELYARD_PLUGINS"
 
 log = logging.getLogger(__name__)
 
-_E = TypeVar("_E", Backend, AuthProvider, CacheTier)
+_E = TypeVar("_E", Backend, AuthProvider, CacheTier, SourceScheme)
 
 
 class PluginUnavailable(Exception):  # reads as a state, like StopIteration
@@ -46,11 +51,13 @@ class PluginRecord(msgspec.Struct):
     backends: list[str] = msgspec.field(default_factory=list)
     auth_providers: list[str] = msgspec.field(default_factory=list)
     cache_tiers: list[str] = msgspec.field(default_factory=list)
+    source_schemes: list[str] = msgspec.field(default_factory=list)
     error: str = ""
 
 
 class PluginHost:
-    """Loads plugins once and answers which backends, auth providers and cache tiers exist."""
+    """Loads plugins once and answers which backends, auth providers, cache tiers and source
+    schemes exist; the one place hooks are called (a small typed facade over pluggy)."""
 
     def __init__(self, *, allow: Iterable[str] | None = None) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -60,6 +67,7 @@ class PluginHost:
         self.backends: dict[str, type[Backend]] = {}
         self.auth_providers: dict[str, type[AuthProvider]] = {}
         self.cache_tiers: dict[str, type[CacheTier]] = {}
+        self.source_schemes: dict[str, type[SourceScheme]] = {}
 
     # -- loading -------------------------------------------------------------------------
 
@@ -99,7 +107,9 @@ class PluginHost:
         except PluginUnavailable as exc:
             self.unregister(name)
             log.info("plugin %r skipped: %s", name, exc)
-            self._records[name] = PluginRecord(name, source or name, "skipped", version, error=str(exc))
+            self._records[name] = PluginRecord(
+                name, source or name, "skipped", version, error=str(exc)
+            )
             return False
         except Exception as exc:  # noqa: BLE001
             self.unregister(name)
@@ -119,16 +129,28 @@ class PluginHost:
                 self.auth_providers.pop(key, None)
             for key in record.cache_tiers:
                 self.cache_tiers.pop(key, None)
+            for key in record.source_schemes:
+                self.source_schemes.pop(key, None)
 
     def _collect(self, name: str, record: PluginRecord) -> None:
         plugin = self._pm.get_plugin(name)
         self._call_one(plugin, "register_backends", Backend, self.backends, record.backends)
         self._call_one(
-            plugin, "register_auth_providers", AuthProvider, self.auth_providers,
+            plugin,
+            "register_auth_providers",
+            AuthProvider,
+            self.auth_providers,
             record.auth_providers,
         )
         self._call_one(
             plugin, "register_cache_tiers", CacheTier, self.cache_tiers, record.cache_tiers
+        )
+        self._call_one(
+            plugin,
+            "register_source_schemes",
+            SourceScheme,
+            self.source_schemes,
+            record.source_schemes,
         )
 
     def _call_one(
@@ -179,16 +201,23 @@ class PluginHost:
     def records(self) -> list[PluginRecord]:
         return sorted(self._records.values(), key=lambda r: r.name)
 
-    # -- lifecycle events (typed facade) -------------------------------------------------
+    # -- typed hook calls ----------------------------------------------------------------
 
-    def server_startup(self, service: InferenceService) -> None:
-        self._notify(self._pm.hook.server_startup, service=service)
+    def open_response_cache(self, settings: CacheSettings, directory: Path) -> ResponseCache | None:
+        """The response cache a plugin builds for ``settings``; None when no plugin can."""
+        result: ResponseCache | None = self._pm.hook.open_response_cache(
+            settings=settings, tiers=dict(self.cache_tiers), directory=directory
+        )
+        return result
 
-    def server_shutdown(self, service: InferenceService) -> None:
-        self._notify(self._pm.hook.server_shutdown, service=service)
+    def server_startup(self, server: ServerContext) -> None:
+        self._notify(self._pm.hook.server_startup, server=server)
+
+    def server_shutdown(self, server: ServerContext) -> None:
+        self._notify(self._pm.hook.server_shutdown, server=server)
 
     def model_version_state_changed(
-        self, version: ModelVersion, old: VersionState | None, new: VersionState
+        self, version: VersionView, old: VersionState | None, new: VersionState
     ) -> None:
         self._notify(self._pm.hook.model_version_state_changed, version=version, old=old, new=new)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from modelyard.core.breaker import CircuitBreaker
 from modelyard.core.errors import ModelNotFoundError, ModelNotReadyError
@@ -73,23 +73,6 @@ class ModelVersion:
     def serving(self) -> bool:
         return self._state in SERVING_STATES and self.backend is not None
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready summary for admin endpoints and the CLI."""
-        info = self.backend.info() if self.backend is not None and self.serving else None
-        return {
-            "name": self.name,
-            "version": self.version,
-            "backend": self.spec.backend.name,
-            "task": self.task.value if self.task else None,
-            "source": self.spec.source,
-            "state": self._state.value if self._state else None,
-            "phase": self.phase,
-            "progress": round(self.progress, 1),
-            "error": self.error or None,
-            "parameters": info.parameters if info else {},
-            "breaker": self.breaker.snapshot(),
-        }
-
 
 class ModelEntry:
     """All versions of one model name and which one is active."""
@@ -145,7 +128,9 @@ class ModelRegistry:
         if version is None:
             # Before its first activation, report the version meant to serve (loading, failed
             # and why) rather than a bare "no active version".
-            found = entry.active or next((v for v in entry.versions.values() if v.spec.active), None)
+            found = entry.active or next(
+                (v for v in entry.versions.values() if v.spec.active), None
+            )
             if found is None:
                 raise ModelNotReadyError(f"model {name!r} has no active version yet", retry_after=5)
         else:

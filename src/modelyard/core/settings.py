@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import platformdirs
 from msgspec import Meta, Struct, field
 
-from modelyard.cache.config import CacheSettings
 from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
+from modelyard.core.cache_settings import CacheSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.limits import LimitSettings
 from modelyard.core.types import Task
@@ -28,6 +29,7 @@ __all__ = [
     "ModelSpec",
     "ServerSettings",
     "Settings",
+    "cache_dir_of",
     "decode_settings",
     "load_settings",
     "resolve_models",
@@ -133,7 +135,16 @@ class ModelSpec(Struct, frozen=True, kw_only=True):
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
-def decode_settings(raw: Mapping[str, Any] | bytes | str, *, env: Mapping[str, str] | None = None) -> Settings:
+def cache_dir_of(settings: Settings) -> Path:
+    """Where sources are prepared: ``cache_dir``, else the user cache directory."""
+    if settings.cache_dir:
+        return Path(settings.cache_dir).expanduser()
+    return Path(platformdirs.user_cache_dir("modelyard"))
+
+
+def decode_settings(
+    raw: Mapping[str, Any] | bytes | str, *, env: Mapping[str, str] | None = None
+) -> Settings:
     """Decode TOML text (or an already parsed table) plus env overrides into Settings."""
     if isinstance(raw, bytes | str):
         try:
@@ -175,12 +186,15 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
                 f"{where}.backend: unknown backend {entry.backend!r}; installed: {installed}"
             )
         if (entry.name, entry.version) in seen:
-            raise ConfigError(f"{where}.version: {entry.name!r} version {entry.version!r} listed twice")
+            raise ConfigError(
+                f"{where}.version: {entry.name!r} version {entry.version!r} listed twice"
+            )
         seen.add((entry.name, entry.version))
         if entry.task is not None and entry.task not in cls.tasks:
             served = ", ".join(sorted(cls.tasks))
             raise ConfigError(
-                f"{where}.task: backend {entry.backend!r} cannot serve {entry.task.value!r}; it serves: {served}"
+                f"{where}.task: backend {entry.backend!r} cannot serve {entry.task.value!r}; "
+                f"it serves: {served}"
             )
         if entry.active:
             if entry.name in active_of:
@@ -195,9 +209,17 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
             raise ConfigError(_path_first(str(exc), prefix=f"{where}.options")) from None
         specs.append(
             ModelSpec(
-                name=entry.name, version=entry.version, backend=cls, source=entry.source,
-                task=entry.task, options=options, active=bool(entry.active), required=entry.required,
-                batching=entry.batching, config_path=where, breaker=entry.breaker,
+                name=entry.name,
+                version=entry.version,
+                backend=cls,
+                source=entry.source,
+                task=entry.task,
+                options=options,
+                active=bool(entry.active),
+                required=entry.required,
+                batching=entry.batching,
+                config_path=where,
+                breaker=entry.breaker,
             )
         )
     # A name with no version marked active serves its first listed version.
@@ -215,7 +237,7 @@ def _apply_env(table: dict[str, Any], env: Mapping[str, str]) -> None:
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in RESERVED_ENV:
             continue
-        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__") if part]
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__") if part]
         if not path:
             continue
         _check_env_path(key, path)
@@ -236,7 +258,8 @@ def _check_env_path(key: str, path: list[str]) -> None:
             return  # a free-form table: its owner validates it
         fields = (
             {f.encode_name: f.type for f in msgspec.structs.fields(node)}
-            if isinstance(node, type) and issubclass(node, Struct) else {}
+            if isinstance(node, type) and issubclass(node, Struct)
+            else {}
         )
         if part not in fields:
             raise ConfigError(f"{key}: {'.'.join(path[: i + 1])} does not name a setting")

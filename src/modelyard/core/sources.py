@@ -1,51 +1,61 @@
-"""Turn a model ``source`` (path, ``pypi:``, ``demo:``) into a local path."""
+"""Turn a model ``source`` into a local path: plain paths here, ``scheme:`` through plugins."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 from modelyard.core.errors import ModelLoadError
 
-__all__ = ["Progress", "SourceResolver", "resolve_source"]
+__all__ = ["Progress", "SourceResolver", "SourceScheme"]
 
 #: ``progress(phase, percent)``: phase names the step, percent runs 0-100.
 Progress = Callable[[str, float], None]
-SourceResolver = Callable[[str, Path, Progress], Path]
 
 
-def resolve_source(source: str, cache_dir: Path, progress: Progress) -> Path:
-    """Resolve ``source`` to an existing path, preparing demo models on first use."""
-    scheme, sep, rest = source.partition(":")
-    if sep and scheme == "pypi":
-        return _installed_package_file(rest)
-    if sep and scheme == "demo":
-        from modelyard import demo  # demo preparation pulls optional packages
+class SourceScheme:
+    """Base class of a model-source scheme (``pypi:``, ``demo:``, ``s3:``, ...).
 
-        return demo.prepare(rest, cache_dir, progress)
-    if sep and scheme == "file":
-        source = rest
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model source {source!r} does not exist")
-    return path.resolve()
+    Subclasses set ``name`` (the scheme, without the colon) and override ``resolve``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
+        """Return an existing local path for ``reference`` (the text after ``name:``). Override.
+
+        Runs in a worker thread, so it may block (download, unpack, export). Report long steps
+        through ``progress``; raise ``ModelLoadError`` with a message naming the source.
+        """
+        raise NotImplementedError
 
 
-def _installed_package_file(spec: str) -> Path:
-    """``pypi:PACKAGE/relative/path``: a file shipped inside an installed package."""
-    package, _, relative = spec.partition("/")
-    module = package.replace("-", "_")
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(f"package {package!r} is not installed (pip install {package})")
-    root = Path(next(iter(found.submodule_search_locations)))
-    path = (root / relative).resolve() if relative else root
-    if not path.is_relative_to(root.resolve()):
-        raise ModelLoadError(f"source {spec!r} leaves the package directory")
-    if not path.exists():
-        raise ModelLoadError(f"package {package!r} has no file {relative!r}")
-    return path
+class SourceResolver:
+    """Resolves a source through the registered schemes; anything else is a local path."""
+
+    def __init__(self, schemes: Mapping[str, type[SourceScheme]]) -> None:
+        self._schemes = dict(schemes)
+
+    @property
+    def schemes(self) -> list[str]:
+        return sorted(self._schemes)
+
+    def __call__(self, source: str, cache_dir: Path, progress: Progress) -> Path:
+        scheme, sep, rest = source.partition(":")
+        # One letter is a Windows drive ("C:\\models"), never a scheme.
+        if sep and len(scheme) > 1:
+            found = self._schemes.get(scheme)
+            if found is not None:
+                return found().resolve(rest, cache_dir=cache_dir, progress=progress)
+            if scheme == "file":
+                source = rest
+            elif not Path(source).exists():
+                known = ", ".join(f"{s}:" for s in ["file", *self.schemes])
+                raise ModelLoadError(
+                    f"model source {source!r}: unknown scheme {scheme + ':'!r} (known: {known})"
+                )
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model source {source!r} does not exist")
+        return path.resolve()

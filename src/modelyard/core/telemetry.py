@@ -1,4 +1,4 @@
-"""``Telemetry``: the one object the service calls where something worth observing happens.
+"""``Telemetry``: the one object the core calls where something worth observing happens.
 
 It bundles the app's :class:`~modelyard.core.metrics.Metrics` and
 :class:`~modelyard.core.tracing.Tracing` and the request being served (``core.logs``), so the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from modelyard.core.batching import BatchRun, BatchTiming
-    from modelyard.core.registry import ModelVersion
-    from modelyard.core.service import InferenceService
+    from modelyard.core.failover import FailoverChain
+    from modelyard.core.registry import ModelRegistry, ModelVersion
 
 __all__ = ["Telemetry", "prompt_text"]
 
@@ -64,9 +64,9 @@ class Telemetry:
         self.tracing = tracing if tracing is not None else Tracing()
         self.log_prompts = log_prompts
 
-    def watch(self, service: InferenceService) -> None:
-        """Export the service's state with every scrape."""
-        self.metrics.watch(service)
+    def watch(self, registry: ModelRegistry, aliases: Mapping[str, FailoverChain]) -> None:
+        """Export the models' and aliases' state with every scrape."""
+        self.metrics.watch(registry, aliases)
 
     async def aclose(self) -> None:
         """Flush the spans an owned exporter still holds (the app's lifespan calls this last)."""

@@ -30,7 +30,7 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
-from modelyard import __version__
+from modelyard._version import __version__
 from modelyard.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class Tracing:
 
     @contextlib.contextmanager
     def span(self, name: str, attributes: Attributes | None = None) -> Iterator[Span]:
-        """A child of the current span for a step run now (auth, cache lookup); no-op outside one."""
+        """A child of the current span for a step run now (auth, cache lookup); no-op if none."""
         if not trace.get_current_span().is_recording():
             yield INVALID_SPAN
             return

@@ -1,0 +1,315 @@
+"""``Deployments``: which versions exist and which one serves — load, swap, rollback, canary."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+import msgspec
+
+from modelyard.core.backend import Backend
+from modelyard.core.batching import Clock
+from modelyard.core.canaries import Canaries
+from modelyard.core.canary import Canary
+from modelyard.core.errors import ConfigError, ConflictError, ModelNotFoundError
+from modelyard.core.loader import ModelLoader
+from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
+from modelyard.core.settings import ModelSpec, ServerSettings, decode_settings, resolve_models
+from modelyard.core.telemetry import Telemetry
+from modelyard.core.types import Task
+from modelyard.core.views import ModelView, SafetyCheck, SafetyReport, version_view
+
+__all__ = ["Deployments", "StateObserver"]
+
+log = logging.getLogger(__name__)
+
+StateObserver = Callable[[ModelVersion, VersionState | None, VersionState], None]
+
+
+class Deployments:
+    """Owns the versions of every model and every change to which of them is active."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registry: ModelRegistry,
+        loader: ModelLoader,
+        canaries: Canaries,
+        *,
+        backends: Mapping[str, type[Backend]],
+        telemetry: Telemetry,
+        clock: Clock,
+        on_state: StateObserver,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._loader = loader
+        self._canaries = canaries
+        self._backends = backends
+        self._telemetry = telemetry
+        self._clock = clock
+        self._on_state = on_state
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Per model: previously active versions, newest last, for rollback.
+        self._history: dict[str, list[str]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- loading -------------------------------------------------------------------------
+
+    def register(self, specs: list[ModelSpec]) -> None:
+        """List every configured version as loading, before any of them loads."""
+        for spec in specs:
+            self._registry.add(self._new_version(spec)).versions[spec.version].set_state(
+                VersionState.LOADING
+            )
+
+    async def load_all(self, specs: list[ModelSpec]) -> None:
+        # One at a time: loads compete for the same cores and memory anyway, and a
+        # sequential order keeps progress output readable.
+        for spec in specs:
+            version = self._registry.entry(spec.name).versions[spec.version]
+            await self._load(version, activate=spec.active)
+
+    async def _load(self, version: ModelVersion, *, activate: bool) -> None:
+        if await self._loader.load(version) and activate:
+            self._activate(version)
+
+    def _new_version(self, spec: ModelSpec) -> ModelVersion:
+        return ModelVersion(spec, self._on_state, clock=self._clock)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _exclusive(self, name: str) -> asyncio.Lock:
+        lock = self._lock(name)
+        if lock.locked():
+            raise ConflictError(f"another operation on {name!r} is in progress")
+        return lock
+
+    async def load_model(self, name: str) -> ModelEntry:
+        """(Re)load every configured version of ``name`` that is not serving."""
+        entry = self._registry.entry(name)
+        async with self._lock(name):
+            for version in list(entry.versions.values()):
+                if version.serving:
+                    continue
+                activate = version.spec.active or entry.active_version in (None, version.version)
+                await self._load(version, activate=activate)
+        return entry
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every version of ``name``; it stays listed and can be loaded again."""
+        entry = self._registry.entry(name)
+        async with self._lock(name):
+            for version in list(entry.versions.values()):
+                await self._loader.release(version)
+
+    async def unload_version(self, name: str, version_label: str) -> None:
+        """Unload and forget a non-active version, releasing its memory."""
+        entry = self._registry.entry(name)
+        if version_label not in entry.versions:
+            raise ModelNotFoundError(f"model {name!r} has no version {version_label!r}")
+        if entry.active_version == version_label:
+            raise ConflictError(f"version {version_label!r} of {name!r} is active; swap first")
+        async with self._exclusive(name):
+            await self._loader.release(entry.versions[version_label])
+            self._registry.remove(name, version_label)
+            history = self._history.get(name, [])
+            if version_label in history:
+                history.remove(version_label)
+
+    async def release_all(self) -> None:
+        for entry in list(self._registry):
+            for version in list(entry.versions.values()):
+                await self._loader.release(version)
+
+    # -- new versions --------------------------------------------------------------------
+
+    def add_version(
+        self, name: str, version_label: str, source: str, *, backend: str | None = None,
+        task: Task | None = None, options: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a new version and load it in the background (it does not become active)."""
+        entry = self._registry.entry(name)
+        existing = entry.versions.get(version_label)
+        if existing is not None and existing.state not in (
+            VersionState.FAILED, VersionState.UNLOADED
+        ):
+            raise ConflictError(f"model {name!r} already has version {version_label!r}")
+        template = (entry.active or next(iter(entry.versions.values()))).spec
+        spec = self._spec_like(template, version_label, source, backend, task, options)
+        version = self._new_version(spec)
+        self._registry.add(version)
+        version.set_state(VersionState.LOADING)
+        self._spawn(self._load_locked(version))
+        return version
+
+    def _spec_like(
+        self, template: ModelSpec, version_label: str, source: str, backend: str | None,
+        task: Task | None, options: dict[str, Any] | None,
+    ) -> ModelSpec:
+        """A spec for a new version: the request's fields, the rest from ``template``."""
+        backend_cls = self._backends.get(backend or template.backend.name)
+        if backend_cls is None:
+            installed = ", ".join(sorted(self._backends))
+            raise ConfigError(f"$.backend: unknown backend {backend!r}; installed: {installed}")
+        same_backend = backend_cls is template.backend
+        raw = {
+            "name": template.name, "version": version_label, "backend": backend_cls.name,
+            "source": source, "task": (task or template.task),
+            "options": options if options is not None else (
+                msgspec.to_builtins(template.options) if same_backend else {}
+            ),
+            "required": False,
+            "batching": msgspec.to_builtins(template.batching),
+            "breaker": msgspec.to_builtins(template.breaker),
+        }
+        try:
+            settings = decode_settings({"models": [raw]}, env={})
+            spec = resolve_models(settings, {backend_cls.name: backend_cls})[0]
+        except ConfigError as exc:
+            # Re-root the path at the request body rather than a config file.
+            raise ConfigError(exc.detail.replace("$.models[0]", "$", 1)) from None
+        return msgspec.structs.replace(spec, active=False, required=template.required)
+
+    async def _load_locked(self, version: ModelVersion) -> None:
+        async with self._lock(version.name):
+            await self._load(version, activate=False)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- swap and rollback ---------------------------------------------------------------
+
+    async def swap_safety(self, name: str, to: str) -> SafetyReport:
+        """Whether ``to`` may become active now, check by check."""
+        entry = self._registry.entry(name)
+        target = entry.versions.get(to)
+        checks = [
+            SafetyCheck(
+                "target_exists", target is not None, "" if target else f"no version {to!r}"
+            ),
+            SafetyCheck(
+                "target_ready",
+                bool(target and target.serving),
+                target.state.value if target and target.state else "",
+            ),
+            SafetyCheck("no_concurrent_operation", not self._lock(name).locked()),
+            SafetyCheck("target_not_active", entry.active_version != to),
+        ]
+        score = 0.0
+        if target is not None and target.serving and target.backend is not None:
+            report = await target.backend.health()
+            score = 1.0 if report.healthy else 0.0
+            checks.append(SafetyCheck("target_healthy", report.healthy, report.detail))
+        else:
+            checks.append(SafetyCheck("target_healthy", False, "not serving"))
+        threshold = self._settings.swap_health_threshold
+        checks.append(
+            SafetyCheck(
+                "health_score", score >= threshold, f"{score:.2f} (threshold {threshold:.2f})"
+            )
+        )
+        return SafetyReport(
+            model=name,
+            to=to,
+            from_=entry.active_version,
+            safe=all(c.ok for c in checks),
+            checks=checks,
+        )
+
+    async def swap(self, name: str, to: str) -> SafetyReport:
+        """Make ``to`` active atomically; 409 with the safety report when unsafe."""
+        report = await self.swap_safety(name, to)
+        if not report.safe:
+            raise ConflictError(
+                f"swap of {name!r} to {to!r} is not safe",
+                extra={"report": msgspec.to_builtins(report)},
+            )
+        async with self._lock(name):
+            self._activate(self._registry.entry(name).versions[to])
+            self._telemetry.swapped(name)
+            await self._prune_deprecated(name)
+        return report
+
+    async def rollback(self, name: str) -> str:
+        """Return to the previously active version (kept loaded as deprecated)."""
+        entry = self._registry.entry(name)
+        history = self._history.get(name, [])
+        while history and not (
+            history[-1] in entry.versions and entry.versions[history[-1]].serving
+        ):
+            history.pop()
+        if not history:
+            raise ConflictError(f"model {name!r} has no previous version to roll back to")
+        async with self._exclusive(name):
+            target = history.pop()
+            self._activate(entry.versions[target], remember=False)
+            self._telemetry.rolled_back(name, "manual")
+        return target
+
+    def _activate(self, version: ModelVersion, *, remember: bool = True) -> None:
+        entry = self._registry.entry(version.name)
+        previous = entry.active
+        # One synchronous assignment: requests admitted before it hold the old version and
+        # finish there; every later lookup sees the new one.
+        entry.active_version = version.version
+        version.set_state(VersionState.ACTIVE)
+        if previous is not None and previous is not version and previous.serving:
+            previous.set_state(VersionState.DEPRECATED)
+            if remember:
+                self._history.setdefault(entry.name, []).append(previous.version)
+
+    async def _prune_deprecated(self, name: str) -> None:
+        history = self._history.get(name, [])
+        while len(history) > self._settings.keep_deprecated:
+            oldest = history.pop(0)
+            version = self._registry.entry(name).versions.get(oldest)
+            if version is not None and version.state == VersionState.DEPRECATED:
+                await self._loader.release(version)
+
+    # -- canary --------------------------------------------------------------------------
+
+    def start_canary(self, name: str, to: str, percent: float) -> Canary:
+        """Send ``percent`` of ``name``'s traffic to version ``to`` (ready, not active)."""
+        entry = self._registry.entry(name)
+        target = entry.versions.get(to)
+        if target is None:
+            raise ModelNotFoundError(f"model {name!r} has no version {to!r}")
+        if not target.serving or entry.active_version == to:
+            raise ConflictError(f"version {to!r} of {name!r} must be ready and not active")
+        return self._canaries.start(name, to, percent)
+
+    def stop_canary(self, name: str) -> None:
+        self._canaries.stop(name)
+
+    async def promote_canary(self, name: str) -> SafetyReport:
+        """Make the canary the active version (a swap, with its safety checks)."""
+        canary = self._canaries.get(name)
+        if canary is None:
+            raise ConflictError(f"model {name!r} has no canary")
+        report = await self.swap(name, canary.target)
+        if self._canaries.get(name) is canary:
+            self._canaries.stop(name)
+        return report
+
+    def traffic(self, name: str) -> dict[str, float]:
+        return self._canaries.traffic(self._registry.entry(name))
+
+    # -- views ---------------------------------------------------------------------------
+
+    def model_view(self, entry: ModelEntry) -> ModelView:
+        canary = self._canaries.get(entry.name)
+        return ModelView(
+            name=entry.name,
+            active_version=entry.active_version,
+            required=entry.required,
+            versions=[version_view(v) for v in entry.versions.values()],
+            traffic=self._canaries.traffic(entry),
+            canary=canary.snapshot() if canary is not None else None,
+            last_canary_rollback=self._canaries.rollbacks.get(entry.name),
+        )

@@ -1,0 +1,140 @@
+"""``ModelLoader``: a version's source becomes a serving backend with its batcher, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from modelyard.core.backend import Backend, LoadContext
+from modelyard.core.batching import Batcher, Clock
+from modelyard.core.errors import ModelLoadError, ModelyardError
+from modelyard.core.registry import ModelVersion, VersionState
+from modelyard.core.response_cache import ResponseCache
+from modelyard.core.sources import Progress
+from modelyard.core.telemetry import Telemetry
+
+__all__ = ["ModelLoader", "ResolveSource"]
+
+log = logging.getLogger(__name__)
+
+#: ``resolve(source, cache_dir, progress) -> local path``; runs in a worker thread.
+ResolveSource = Callable[[str, Path, Progress], Path]
+
+
+class ModelLoader:
+    """Loads one version at a time: source, backend, health check, batcher; reports progress."""
+
+    def __init__(
+        self,
+        *,
+        resolve_source: ResolveSource,
+        cache_dir: Path,
+        telemetry: Telemetry,
+        clock: Clock,
+        response_cache: Callable[[], ResponseCache | None],
+    ) -> None:
+        self._resolve_source = resolve_source
+        self._cache_dir = cache_dir
+        self._telemetry = telemetry
+        self._clock = clock
+        self._response_cache = response_cache
+
+    async def load(self, version: ModelVersion) -> bool:
+        """Load ``version`` until it is ready (True) or failed with its reason (False)."""
+        spec = version.spec
+        started = self._clock()
+        version.error = ""
+        version.set_state(VersionState.LOADING)
+        try:
+            backend = await self._build_backend(version)
+        except asyncio.CancelledError:
+            raise
+        except ModelyardError as exc:
+            self._failed(version, exc.detail)
+            return False
+        except Exception as exc:  # a broken model must never take the server down
+            log.exception("loading %s:%s failed", spec.name, spec.version)
+            self._failed(version, f"{type(exc).__name__}: {exc}")
+            return False
+        version.backend = backend
+        version.batcher = self._batcher(version, backend)
+        version.batcher.start()
+        version.breaker.reset()  # a reloaded version starts with a clean record
+        version.progress, version.phase = 100.0, "ready"
+        self._telemetry.model_loaded(version, self._clock() - started)
+        version.set_state(VersionState.READY)
+        return True
+
+    def _batcher(self, version: ModelVersion, backend: Backend) -> Batcher:
+        batching = version.spec.batching
+        return Batcher(
+            backend,
+            max_batch_size=batching.max_batch_size or backend.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
+            max_queue_size=batching.max_queue_size,
+            refill_wait_s=batching.refill_wait_ms / 1000.0,
+            concurrency=backend.concurrent_batches,
+            clock=self._clock,
+            on_batch=self._telemetry.batch_observer(version),
+        )
+
+    async def _build_backend(self, version: ModelVersion) -> Backend:
+        spec = version.spec
+
+        def progress(phase: str, percent: float) -> None:
+            # Never backwards: a later step may name a lower figure than the last one reached.
+            version.phase, version.progress = phase, max(version.progress, min(99.0, percent))
+
+        version.progress = 0.0
+        progress("resolving source", 0.0)
+        # Preparing the source (a demo export) reports 0-100 of its own: it fills 0-50 overall.
+        path = await asyncio.to_thread(
+            self._resolve_source, spec.source, self._cache_dir,
+            lambda phase, percent: progress(phase, percent / 2.0),
+        )
+        cache = self._response_cache()
+        if cache is not None:
+            progress("hashing weights", 10.0)
+            version.weights_digest = await asyncio.to_thread(cache.weights_digest, path)
+        task = spec.task or spec.backend.detect_task(path, spec.options)
+        if task is None:
+            raise ModelLoadError(
+                f"cannot tell the task of {spec.name!r}; set task in config "
+                f"({', '.join(sorted(spec.backend.tasks))})"
+            )
+        version.task = task
+        context = LoadContext(
+            model=spec.name, version=spec.version, task=task, source=spec.source, path=path,
+            options=spec.options,
+        )
+        backend = spec.backend(context)
+        progress("loading", 50.0)
+        await backend.load()
+        progress("health check", 90.0)
+        report = await backend.health()
+        if not report.healthy:
+            await backend.unload()
+            raise ModelLoadError(f"health check failed: {report.detail or 'unhealthy'}")
+        return backend
+
+    def _failed(self, version: ModelVersion, reason: str) -> None:
+        log.error("model %s version %s failed to load: %s", version.name, version.version, reason)
+        version.phase = "failed"
+        version.set_state(VersionState.FAILED, error=reason)
+
+    async def release(self, version: ModelVersion) -> None:
+        """Stop the batcher and unload the backend; the version stays listed."""
+        if version.batcher is not None:
+            await version.batcher.stop()
+            version.batcher = None
+        backend, version.backend = version.backend, None
+        if backend is not None:
+            try:
+                await backend.unload()
+            except Exception:
+                log.exception("unloading %s:%s raised", version.name, version.version)
+        if version.state != VersionState.FAILED:
+            version.progress, version.phase = 0.0, "unloaded"
+            version.set_state(VersionState.UNLOADED)

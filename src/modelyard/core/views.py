@@ -1,0 +1,157 @@
+"""Read-only views of the server's state: what admin, status and metadata answers carry.
+
+Every view is a frozen msgspec Struct built from the live objects at the moment it is asked
+for; changing one changes nothing on the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct, field
+
+from modelyard.core.backend import BackendInfo
+from modelyard.core.registry import ModelVersion
+from modelyard.core.types import Task
+
+__all__ = [
+    "AliasView",
+    "IndexRow",
+    "ModelCard",
+    "ModelMetadata",
+    "ModelView",
+    "Overview",
+    "Readiness",
+    "SafetyCheck",
+    "SafetyReport",
+    "VersionView",
+    "version_view",
+]
+
+
+class VersionView(Struct, frozen=True, kw_only=True):
+    """One version: its state, load progress, parameters and breaker."""
+
+    name: str
+    version: str
+    backend: str
+    task: Task | None
+    source: str
+    state: str | None
+    phase: str
+    progress: float
+    error: str | None
+    parameters: dict[str, Any]
+    breaker: dict[str, Any]
+
+
+class ModelView(Struct, frozen=True, kw_only=True):
+    """One model name: its versions, which is active, and how traffic splits."""
+
+    name: str
+    active_version: str | None
+    required: bool
+    versions: list[VersionView]
+    traffic: dict[str, float]
+    canary: dict[str, Any] | None
+    last_canary_rollback: str | None
+
+
+class AliasView(Struct, frozen=True, kw_only=True):
+    """One alias: its failover chain, its counters, and each target's breaker state."""
+
+    name: str
+    targets: list[str]
+    failovers: int
+    exhausted: int
+    answered_by: dict[str, int]
+    target_states: dict[str, str]
+
+
+class Overview(Struct, frozen=True, kw_only=True):
+    """``GET /admin/models``: the models and aliases a caller may see, and readiness."""
+
+    models: list[ModelView]
+    aliases: list[AliasView]
+    ready: bool
+
+
+class Readiness(Struct, frozen=True, kw_only=True):
+    """Whether the server takes traffic, and if not, why."""
+
+    ready: bool
+    draining: bool = False
+    #: Required models without a serving active version.
+    waiting: list[str] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        return "draining" if self.draining else f"waiting for: {', '.join(self.waiting)}"
+
+
+class SafetyCheck(Struct, frozen=True):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class SafetyReport(Struct, frozen=True, kw_only=True):
+    """Whether a version may become active now, check by check."""
+
+    model: str
+    to: str
+    from_: str | None = field(name="from")
+    safe: bool
+    checks: list[SafetyCheck]
+
+
+class ModelCard(Struct, frozen=True, kw_only=True):
+    """A model that can answer now (``/v1/models``)."""
+
+    name: str
+    version: str
+    task: Task | None
+    backend: str
+
+
+class IndexRow(Struct, frozen=True, kw_only=True):
+    """One version in the v2 repository index."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class ModelMetadata(Struct, frozen=True, kw_only=True):
+    """What a model (or an alias, through the version it reaches first) is and serves."""
+
+    name: str
+    versions: list[str]
+    version: str
+    task: Task | None
+    backend: str
+    state: str | None
+    active_version: str | None
+    breaker: dict[str, Any]
+    #: The loaded backend's own description; empty while the version is not serving.
+    info: BackendInfo
+    #: The alias's targets in order, when ``name`` is an alias.
+    alias_of: list[str] | None = None
+
+
+def version_view(version: ModelVersion) -> VersionView:
+    info = version.backend.info() if version.backend is not None and version.serving else None
+    return VersionView(
+        name=version.name,
+        version=version.version,
+        backend=version.spec.backend.name,
+        task=version.task,
+        source=version.spec.source,
+        state=version.state.value if version.state else None,
+        phase=version.phase,
+        progress=round(version.progress, 1),
+        error=version.error or None,
+        parameters=info.parameters if info else {},
+        breaker=version.breaker.snapshot(),
+    )
