@@ -135,7 +135,7 @@ async def test_an_exception_in_a_batch_reaches_every_member(make_batcher: Any) -
     assert [len(b) for b in backend.seen] == [1, 5]
     for outcome in outcomes:
         assert isinstance(outcome, BackendError)
-        assert outcome.detail == "backend failed: RuntimeError: device lost"
+        assert outcome.detail == "model 'm' failed to answer"  # the log has the exception
 
 
 async def test_a_client_error_from_the_backend_keeps_its_status(make_batcher: Any) -> None:
@@ -183,7 +183,7 @@ class ShortBackend(CountingBackend):
 
 async def test_a_backend_returning_too_few_results_fails_the_batch(make_batcher: Any) -> None:
     batcher = make_batcher(ShortBackend(_context()))
-    with pytest.raises(BackendError, match="returned 0 results for a batch of 1"):
+    with pytest.raises(BackendError, match="model 'm' returned 0 results for a batch of 1"):
         await batcher.submit(_prompt(0))
 
 
@@ -389,3 +389,122 @@ async def test_stop_fails_the_batches_of_every_worker(make_batcher: Any) -> None
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(o, ServiceUnavailableError) for o in outcomes)
     assert backend.calls == []  # nothing finished; everyone heard why
+
+
+# -- the backend's own limit is a hard cap ------------------------------------------------------
+
+
+async def test_the_backends_max_batch_size_caps_a_larger_setting(make_batcher: Any) -> None:
+    backend = GatedBackend(_context(max_batch_size=3))
+    batcher = make_batcher(backend, max_batch_size=8)
+    assert batcher.max_batch_size == 3
+    first = await _busy(batcher, backend)
+    waiting = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(8)]
+    await until(lambda: batcher.depth == 8)
+    backend.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert backend.calls == [1, 3, 3, 2]
+
+
+# -- callers that leave, calls that outlive them ------------------------------------------------
+
+
+class StuckBackend(HangingBackend):
+    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing."""
+
+    name = "stuck"
+
+    def __init__(self, context: LoadContext) -> None:
+        super().__init__(context)
+        self.ignored_cancels = 0
+
+    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        self.calls.append(len(batch))
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.ignored_cancels += 1
+        return [self._answer(r) for r in batch]
+
+
+async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_caller_that_leaves_gives_its_queue_slot_back_at_once(make_batcher: Any) -> None:
+    backend = HangingBackend(_context())
+    batcher = make_batcher(backend, max_batch_size=2, max_queue_size=8)
+    inside = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(2)]
+    await until(lambda: backend.calls == [2])
+    queued = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(8)]
+    await until(lambda: batcher.depth == 8)
+    with pytest.raises(ServiceUnavailableError, match="queue full"):
+        await batcher.submit(_prompt(99))
+
+    for task in queued:
+        task.cancel()
+    await _settle(queued)
+    assert batcher.depth == 0  # while the backend still hangs on the first batch
+    later = asyncio.create_task(batcher.submit(_prompt(100)))
+    await until(lambda: batcher.depth == 1)  # admitted, not "queue full"
+
+    backend.release.set()
+    assert len(await asyncio.gather(*inside, later)) == 3
+    assert backend.calls == [2, 1]
+
+
+async def test_a_call_whose_callers_all_left_is_cancelled(make_batcher: Any) -> None:
+    backend = HangingBackend(_context())
+    batcher = make_batcher(backend, max_batch_size=2)
+    inside = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(2)]
+    await until(lambda: backend.calls == [2])
+    inside[0].cancel()
+    await _settle(inside[:1])
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert batcher.in_flight == 1  # one caller still waits: the call goes on
+    inside[1].cancel()
+    await _settle(inside)
+    await until(lambda: batcher.in_flight == 0)  # nobody waits: the engine stopped waiting
+
+    later = asyncio.create_task(batcher.submit(_prompt(2)))
+    await until(lambda: backend.calls == [2, 1])  # the next request reaches the backend
+    backend.release.set()
+    assert (await later).text == "prompt number 2"  # type: ignore[union-attr]
+    assert batcher.stuck_calls == 0 and batcher.unhealthy == ""
+
+
+async def test_a_call_that_ignores_cancellation_is_stuck_and_the_version_refuses(
+    make_batcher: Any, fake_clock: FakeClock
+) -> None:
+    backend = StuckBackend(_context())
+    told: list[str] = []
+    batcher = make_batcher(backend, max_batch_size=2, clock=fake_clock, stuck_after_s=10.0,
+                           on_stuck=told.append)
+    inside = [asyncio.create_task(batcher.submit(_prompt(i))) for i in range(2)]
+    await until(lambda: backend.calls == [2])
+    for task in inside:
+        task.cancel()
+    await _settle(inside)
+    await until(lambda: backend.ignored_cancels == 1)
+    queued = asyncio.create_task(batcher.submit(_prompt(2)))  # waits behind the stuck call
+    await until(lambda: batcher.depth == 1)
+    fake_clock.advance(9.9)
+    assert batcher.unhealthy == "" and told == []
+
+    fake_clock.advance(0.1)
+    assert batcher.stuck_calls == 1
+    assert "have not returned 10s after they were cancelled" in batcher.unhealthy
+    assert told == [batcher.unhealthy]
+    with pytest.raises(ServiceUnavailableError, match="model 'm' is unhealthy"):
+        await queued  # told at once, not left waiting behind the stuck call
+    assert batcher.depth == 0
+    with pytest.raises(ServiceUnavailableError, match="unhealthy") as refused:
+        await batcher.submit(_prompt(3))
+    assert refused.value.headers["Retry-After"]
+
+    backend.release.set()  # the native call returns at last
+    await until(lambda: batcher.unhealthy == "")
+    assert (await batcher.submit(_prompt(4))).text == "prompt number 4"  # type: ignore[union-attr]
+    assert batcher.stuck_calls == 1  # a count of what happened, not of what is

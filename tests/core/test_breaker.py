@@ -11,13 +11,17 @@ from typing import Any
 import msgspec
 import pytest
 
-from modelyard.core.breaker import BreakerSettings, CircuitBreaker, CircuitState
+from modelyard.core.breaker import BreakerSettings, CircuitBreaker, CircuitState, counts_as_failure
 from modelyard.core.errors import (
     BackendError,
     BadRequestError,
+    DrainingError,
     ModelNotFoundError,
+    QueueFullError,
+    RateLimitedError,
     ServiceUnavailableError,
     TimeoutError_,
+    UnprocessableError,
 )
 from modelyard.testing import FakeClock
 
@@ -116,6 +120,58 @@ def test_client_errors_are_neither_failures_nor_calls(fake_clock: FakeClock) -> 
             breaker.acquire().failure(exc)
     assert breaker.state is CLOSED
     assert breaker.snapshot()["calls"] == 0
+
+
+ADMISSION_REFUSALS = [
+    QueueFullError("queue full (32 waiting); retry shortly"),
+    DrainingError("the server is shutting down"),
+    RateLimitedError("slow down"),
+    UnprocessableError("prompt too long"),
+]
+
+
+@pytest.mark.parametrize("refusal", ADMISSION_REFUSALS, ids=lambda e: type(e).__name__)
+def test_admission_refusals_are_neither_failures_nor_calls(
+    fake_clock: FakeClock, refusal: Exception
+) -> None:
+    breaker = make(fake_clock)
+    for _ in range(50):
+        with pytest.raises(type(refusal)), breaker.call():
+            raise refusal
+    assert breaker.state is CLOSED
+    assert breaker.snapshot()["calls"] == 0
+
+
+def test_failover_may_try_elsewhere_after_a_503_refusal_but_not_after_a_4xx() -> None:
+    assert counts_as_failure(QueueFullError("full")) is False  # another target may have room
+    assert counts_as_failure(DrainingError("bye")) is False
+    assert counts_as_failure(RateLimitedError("slow down")) is None  # the same anywhere
+    assert counts_as_failure(ServiceUnavailableError("the model's context is full")) is True
+
+
+def test_an_admission_refusal_gives_its_probe_slot_to_another_caller(
+    fake_clock: FakeClock,
+) -> None:
+    breaker = make(fake_clock, permitted_calls_in_half_open=1)
+    trip(breaker)
+    fake_clock.advance(30)
+    breaker.acquire().failure(QueueFullError("full"))
+    assert breaker.state is HALF_OPEN
+    breaker.acquire().success()
+    assert breaker.state is CLOSED
+
+
+def test_force_open_opens_at_once_and_half_opens_as_usual(fake_clock: FakeClock) -> None:
+    breaker = make(fake_clock)
+    breaker.force_open("a backend call is stuck")
+    assert breaker.state is OPEN
+    with pytest.raises(ServiceUnavailableError, match="a backend call is stuck"):
+        breaker.acquire()
+    fake_clock.advance(30)
+    assert breaker.state is HALF_OPEN
+    disabled = make(fake_clock, enabled=False)
+    disabled.force_open("stuck")
+    assert disabled.allow()
 
 
 async def test_context_manager_classifies_exceptions(fake_clock: FakeClock) -> None:

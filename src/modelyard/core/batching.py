@@ -9,8 +9,24 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from modelyard.core.errors import BackendError, ModelyardError, ServiceUnavailableError
-from modelyard.core.types import InferenceRequest, InferenceResult
+from modelyard.core.errors import (
+    BackendError,
+    ModelyardError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+from modelyard.core.logs import current_request
+from modelyard.core.types import (
+    ClassificationRequest,
+    ClassificationResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationResult,
+    InferenceRequest,
+    InferenceResult,
+    TensorRequest,
+    TensorResult,
+)
 
 if TYPE_CHECKING:
     from modelyard.core.backend import Backend
@@ -19,6 +35,8 @@ __all__ = ["BatchRun", "BatchTiming", "Batcher", "Clock"]
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
+
+_Call = asyncio.Task[list[InferenceResult]]
 
 
 class BatchRun:
@@ -46,7 +64,7 @@ class BatchTiming:
 
 
 class _Pending:
-    __slots__ = ("enqueued_at", "future", "request", "timing")
+    __slots__ = ("enqueued_at", "future", "request", "request_id", "timing")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[InferenceResult], now: float,
@@ -56,16 +74,26 @@ class _Pending:
         self.future = future
         self.enqueued_at = now
         self.timing = timing
+        # Workers run outside the request's context: keep its id for the log lines they write.
+        info = current_request()
+        self.request_id = info.request_id if info is not None else None
 
 
 class Batcher:
     """One queue per model version, drained by ``concurrency`` workers.
 
     While the backend runs a batch, newcomers queue; the next batch takes up to
-    ``max_batch_size`` of them at once, so batches grow with load and a lone request on an
-    idle model waits at most ``max_queue_delay_s``. With ``concurrency`` > 1 that many batches
-    may be inside the backend at once (Triton's instance count): a CPU backend running one
-    single-threaded batch per core keeps every core busy without a barrier between them.
+    ``max_batch_size`` of them at once (never more than the backend's own
+    ``max_batch_size``), so batches grow with load and a lone request on an idle model waits
+    at most ``max_queue_delay_s``. With ``concurrency`` > 1 that many batches may be inside
+    the backend at once (Triton's instance count): a CPU backend running one single-threaded
+    batch per core keeps every core busy without a barrier between them.
+
+    A caller that leaves (timeout, disconnect) gives its queue slot back at once. A backend
+    call whose callers have all left is cancelled; one that has not returned
+    ``stuck_after_s`` later (a native call that cannot be interrupted) is *stuck*: it is
+    counted in ``stuck_calls``, the version turns ``unhealthy`` (``on_stuck`` is told) and
+    every request is refused with 503 until the call returns.
     """
 
     def __init__(
@@ -79,15 +107,24 @@ class Batcher:
         concurrency: int = 1,
         clock: Clock = time.monotonic,
         on_batch: Callable[[BatchRun], None] | None = None,
+        model: str | None = None,
+        stuck_after_s: float = 5.0,
+        on_stuck: Callable[[str], None] | None = None,
     ) -> None:
         self._backend = backend
+        #: The model name errors and log lines speak of.
+        self.model = model if model is not None else backend.context.model
         #: Called after every backend call (metrics: batch size, call duration).
         self._on_batch = on_batch
         self.refill_wait_s = refill_wait_s
         self.concurrency = max(1, concurrency)
-        self.max_batch_size = max(1, max_batch_size)
+        # The backend's own limit is a hard cap: it says ``infer`` accepts no more.
+        self.max_batch_size = max(1, min(max_batch_size, backend.max_batch_size))
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        #: How long a cancelled backend call may take to return before it counts as stuck.
+        self.stuck_after_s = stuck_after_s
+        self._on_stuck = on_stuck
         self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -95,10 +132,27 @@ class Batcher:
         self.batches_run = 0
         #: Batches inside the backend right now (at most ``concurrency``).
         self.in_flight = 0
+        # Calls cancelled because every caller left: when, and the timer that checks on them.
+        self._abandoned: dict[_Call, tuple[float, asyncio.TimerHandle]] = {}
+        self._stuck: set[_Call] = set()
+        self._stuck_total = 0
 
     @property
     def depth(self) -> int:
+        """Requests waiting in the queue now (those that left are gone at once)."""
         return len(self._queue)
+
+    @property
+    def stuck_calls(self) -> int:
+        """Backend calls so far that did not return after they were cancelled."""
+        self._tick()
+        return self._stuck_total
+
+    @property
+    def unhealthy(self) -> str:
+        """Why the version refuses requests now ('' while it is healthy)."""
+        self._tick()
+        return self._stuck_reason() if self._stuck else ""
 
     def start(self) -> None:
         if not self._workers:
@@ -117,26 +171,40 @@ class Batcher:
                 await worker
             except asyncio.CancelledError:
                 pass
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(ServiceUnavailableError("model version is unloading"))
+        for _, timer in self._abandoned.values():
+            timer.cancel()
+        self._fail_queued(ServiceUnavailableError("model version is unloading"))
 
     async def submit(
         self, request: InferenceRequest, *, timing: BatchTiming | None = None
     ) -> InferenceResult:
         """Queue a request and wait for its own result (or its own share of a batch error)."""
+        reason = self.unhealthy
+        if reason:
+            raise self._unhealthy_error(reason)
         if len(self._queue) >= self.max_queue_size:
-            raise ServiceUnavailableError(
+            raise QueueFullError(
                 f"queue full ({self.max_queue_size} waiting); retry shortly", retry_after=1
             )
         future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
         if timing is not None:
             timing.enqueued_ns = time.time_ns()
-        self._queue.append(_Pending(request, future, self._clock(), timing))
+        pending = _Pending(request, future, self._clock(), timing)
+        self._queue.append(pending)
         self._wakeup.set()
-        # A caller that is cancelled (timeout, disconnect) cancels its future: the worker skips it.
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller left (timeout, disconnect): its slot is free now, not when a worker
+            # would have reached it (never, behind a hung backend).
+            self._discard(pending)
+            raise
+
+    def _discard(self, pending: _Pending) -> None:
+        try:
+            self._queue.remove(pending)
+        except ValueError:
+            pass  # already taken into a batch
 
     async def _run(self) -> None:
         last_batch = 0  # per worker: what this worker's callers will send back
@@ -204,6 +272,8 @@ class Batcher:
         self._queue.extendleft(reversed(skipped))
         return batch
 
+    # -- one backend call ----------------------------------------------------------------------
+
     async def _execute(self, batch: list[_Pending]) -> None:
         self.batches_run += 1
         run = BatchRun(len(batch))
@@ -213,31 +283,28 @@ class Batcher:
                 pending.timing.queue_wait_s = started - pending.enqueued_at
                 pending.timing.batch = run
         requests = [p.request for p in batch]
+        call = asyncio.get_running_loop().create_task(self._call(requests, run, started))
+        watcher = self._abandon_when_all_leave(batch, call)
         try:
-            results = await self._call(requests, run, started)
-            if len(results) != len(requests):
-                raise BackendError(
-                    f"backend returned {len(results)} results for a batch of {len(requests)}"
-                )
+            # Not ``await call``: a call cancelled because its callers left must not look
+            # like this worker being cancelled.
+            await asyncio.wait((call,))
         except asyncio.CancelledError:
             # stop() cancelled the worker mid-batch: these callers are no longer queued, so
             # only this says they will get no answer (else they wait out the request timeout).
+            call.cancel()
             self._fail_all(batch, ServiceUnavailableError("model version is unloading"))
             raise
-        except ModelyardError as exc:
-            self._fail_all(batch, exc)
+        for pending in batch:  # answering them must not wake the watcher for nothing
+            pending.future.remove_done_callback(watcher)
+        if call.cancelled():  # abandoned (nobody is left to answer) or cancelled by itself
+            self._fail_all(batch, self._failed())
             return
-        except Exception as exc:  # every member must hear about it
-            log.exception("backend %r failed a batch of %d", self._backend.name, len(batch))
-            self._fail_all(batch, BackendError(f"backend failed: {type(exc).__name__}: {exc}"))
+        error = call.exception()
+        if error is not None:
+            self._fail_batch(batch, error)
             return
-        for pending, result in zip(batch, results, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(result, BaseException):
-                pending.future.set_exception(result)
-            else:
-                pending.future.set_result(result)
+        self._deliver(batch, call.result())
 
     async def _call(
         self, requests: list[InferenceRequest], run: BatchRun, started: float
@@ -252,8 +319,165 @@ class Batcher:
             if self._on_batch is not None:
                 self._on_batch(run)
 
+    def _fail_batch(self, batch: list[_Pending], error: BaseException) -> None:
+        if isinstance(error, ModelyardError):
+            self._fail_all(batch, error)
+            return
+        # Every member must hear about it; only the log learns what it was.
+        log.error(
+            "backend of model %r failed a batch of %d", self.model, len(batch),
+            exc_info=error, extra={"request_ids": _ids(batch)},
+        )
+        self._fail_all(batch, self._failed())
+
+    def _deliver(self, batch: list[_Pending], results: list[InferenceResult]) -> None:
+        if len(results) != len(batch):
+            log.error(
+                "backend of model %r returned %d results for a batch of %d", self.model,
+                len(results), len(batch), extra={"request_ids": _ids(batch)},
+            )
+            self._fail_all(batch, BackendError(
+                f"model {self.model!r} returned {len(results)} results for a batch of "
+                f"{len(batch)}"
+            ))
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            checked = self._checked(pending, result)
+            if isinstance(checked, BaseException):
+                pending.future.set_exception(checked)
+            else:
+                pending.future.set_result(checked)
+
+    def _checked(
+        self, pending: _Pending, result: InferenceResult | BaseException
+    ) -> InferenceResult | Exception:
+        """``result`` if it answers ``pending``'s request, else the error its caller gets."""
+        if isinstance(result, ModelyardError):
+            return result
+        if isinstance(result, BaseException):
+            log.error("backend of model %r failed one request", self.model, exc_info=result,
+                      extra={"request_ids": _ids([pending])})
+            return self._failed()
+        problem = _mismatch(pending.request, result)
+        if not problem:
+            return result
+        log.error("backend of model %r returned %s", self.model, problem,
+                  extra={"request_ids": _ids([pending])})
+        return BackendError(f"model {self.model!r} returned {problem}")
+
+    def _failed(self) -> BackendError:
+        return BackendError(f"model {self.model!r} failed to answer")
+
     @staticmethod
     def _fail_all(batch: list[_Pending], exc: Exception) -> None:
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_exception(exc)
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+
+    # -- calls that outlive their callers ------------------------------------------------------
+
+    def _abandon_when_all_leave(
+        self, batch: list[_Pending], call: _Call
+    ) -> Callable[[asyncio.Future[InferenceResult]], None]:
+        """Cancel ``call`` once every member of its batch has gone; returns the watcher."""
+        left = len(batch)
+
+        def one_gone(_: asyncio.Future[InferenceResult]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and not call.done():
+                self._abandon(call)
+
+        for pending in batch:
+            pending.future.add_done_callback(one_gone)
+        return one_gone
+
+    def _abandon(self, call: _Call) -> None:
+        log.info("model %r: every caller of a backend call left; cancelling it", self.model)
+        call.cancel()
+        timer = asyncio.get_running_loop().call_later(self.stuck_after_s, self._tick)
+        self._abandoned[call] = (self._clock(), timer)
+        call.add_done_callback(self._returned)
+
+    def _returned(self, call: _Call) -> None:
+        entry = self._abandoned.pop(call, None)
+        if entry is not None:
+            entry[1].cancel()
+        if not call.cancelled():
+            call.exception()  # retrieved: a late failure of an abandoned call is not news
+        if call in self._stuck:
+            self._stuck.discard(call)
+            log.warning("model %r: a stuck backend call returned (%d still stuck)", self.model,
+                        len(self._stuck))
+
+    def _tick(self) -> None:
+        """Declare stuck the abandoned calls that outlived ``stuck_after_s`` (batcher clock)."""
+        if not self._abandoned:
+            return
+        now = self._clock()
+        late = [c for c, (since, _) in self._abandoned.items() if now - since >= self.stuck_after_s]
+        if not late:
+            return
+        for call in late:
+            self._abandoned.pop(call)[1].cancel()
+            self._stuck.add(call)
+        self._stuck_total += len(late)
+        reason = self._stuck_reason()
+        log.error("model %r is unhealthy: %s; refusing its requests until they return",
+                  self.model, reason)
+        self._fail_queued(self._unhealthy_error(reason))
+        if self._on_stuck is not None:
+            try:
+                self._on_stuck(reason)
+            except Exception:  # an observer must never break the batcher
+                log.exception("on_stuck callback of model %r raised", self.model)
+
+    def _stuck_reason(self) -> str:
+        return (
+            f"{len(self._stuck)} backend call(s) have not returned {self.stuck_after_s:g}s "
+            "after they were cancelled"
+        )
+
+    def _unhealthy_error(self, reason: str) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"model {self.model!r} is unhealthy: {reason}; retry later", retry_after=5
+        )
+
+
+def _ids(batch: list[_Pending]) -> list[str]:
+    return [p.request_id for p in batch if p.request_id is not None]
+
+
+def _mismatch(request: InferenceRequest, result: InferenceResult) -> str:
+    """Why ``result`` cannot answer ``request`` ('' when it can): its kind, or rows per input."""
+    if isinstance(request, EmbeddingRequest):
+        if not isinstance(result, EmbeddingResult):
+            return _wrong_kind(request)
+        return _rows(len(result.embeddings), len(request.inputs), "embedding")
+    if isinstance(request, ClassificationRequest):
+        if not isinstance(result, ClassificationResult):
+            return _wrong_kind(request)
+        return _rows(len(result.labels), len(request.inputs), "classification")
+    expected = TensorResult if isinstance(request, TensorRequest) else GenerationResult
+    return "" if isinstance(result, expected) else _wrong_kind(request)
+
+
+def _wrong_kind(request: InferenceRequest) -> str:
+    return f"the wrong kind of result for {request.task.value}"
+
+
+def _rows(rows: int, inputs: int, what: str) -> str:
+    if rows == inputs:
+        return ""
+    return (
+        f"{rows} {what} {'row' if rows == 1 else 'rows'} for "
+        f"{inputs} {'input' if inputs == 1 else 'inputs'}"
+    )

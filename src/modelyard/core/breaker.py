@@ -7,7 +7,8 @@ refuses calls without touching the backend. After ``wait_in_open_ms`` (growing b
 HALF_OPEN and admits exactly ``permitted_calls_in_half_open`` probes; their outcomes decide
 between CLOSED and OPEN again.
 
-Client errors (4xx) and cancellations are neither failures nor calls: the permit is released
+Client errors (4xx), cancellations and admission refusals (a full queue, draining: errors
+whose ``counts_as_failure`` is False) are neither failures nor calls: the permit is released
 and the window does not move. The breaker is driven from the event loop; it never awaits, so
 checking the half-open quota and taking a permit cannot interleave with another task.
 
@@ -84,13 +85,20 @@ class CircuitState(enum.StrEnum):
 
 
 def counts_as_failure(exc: BaseException | None) -> bool | None:
-    """True: a failure. False: never happens. None: not a call at all (4xx, cancellation)."""
+    """How the breaker (and failover) treat ``exc`` raised by a call.
+
+    True: the version failed. False: refused before the backend was asked (a full queue,
+    draining): not a call, and another version may well answer. None: not a call, and the
+    same anywhere (a 4xx, a cancellation).
+    """
     if exc is None:
         return True
     if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt, GeneratorExit
         return None
-    if isinstance(exc, ModelyardError) and exc.status_code < 500:
-        return None
+    if isinstance(exc, ModelyardError):
+        if exc.status_code < 500:
+            return None
+        return exc.counts_as_failure
     return True
 
 
@@ -142,8 +150,8 @@ class Permit:
         self._finish(failed=False, duration_s=duration_s)
 
     def failure(self, exc: BaseException | None = None, duration_s: float | None = None) -> None:
-        """Record ``exc``: a 4xx or a cancellation only releases the permit."""
-        if counts_as_failure(exc) is None:
+        """Record ``exc``: a 4xx, a cancellation or an admission refusal only releases."""
+        if not counts_as_failure(exc):
             self.release()
         else:
             self._finish(failed=True, duration_s=duration_s)
@@ -285,6 +293,16 @@ class CircuitBreaker:
         """Close the breaker and forget every recorded call (an operator's override)."""
         self._openings = 0
         self._transition(CircuitState.CLOSED, reason="reset")
+
+    def force_open(self, reason: str) -> None:
+        """Open now, whatever the window says (the version is known to be broken).
+
+        The opening lasts as any other; the probes that follow decide as usual. A disabled
+        breaker stays out of the way.
+        """
+        self._tick()
+        if self.settings.enabled and self._state is not CircuitState.OPEN:
+            self._transition(CircuitState.OPEN, reason=reason)
 
     def _refusal(self) -> ServiceUnavailableError:
         wait = self.retry_after

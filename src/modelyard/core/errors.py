@@ -9,12 +9,14 @@ __all__ = [
     "BadRequestError",
     "ConfigError",
     "ConflictError",
+    "DrainingError",
     "ForbiddenError",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
     "ModelyardError",
     "PayloadTooLargeError",
+    "QueueFullError",
     "RateLimitedError",
     "ServiceUnavailableError",
     "TimeoutError_",
@@ -25,11 +27,20 @@ __all__ = [
 
 
 class ModelyardError(Exception):
-    """Base of every error a client may see; carries the HTTP status and a safe message."""
+    """Base of every error a client may see; carries the HTTP status and a safe message.
+
+    ``detail`` reaches the client: it is a message of ours, never a library's exception
+    text, a class name or a file path (those go to the log, next to the request id).
+    """
 
     status_code: ClassVar[int] = 500
     title: ClassVar[str] = "Internal Server Error"
     type_slug: ClassVar[str] = "internal"
+    #: Whether this error, raised while a model version serves a request, says the version
+    #: failed: its circuit breaker and its canary count it. Client errors (4xx) never count;
+    #: admission refusals (a full queue, draining) are 5xx that do not either: shedding load
+    #: is not failing.
+    counts_as_failure: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -88,12 +99,14 @@ class UnprocessableError(ModelyardError):
     status_code = 422
     title = "Unprocessable Content"
     type_slug = "unprocessable"
+    counts_as_failure = False  # request limits refuse before any backend is called
 
 
 class RateLimitedError(ModelyardError):
     status_code = 429
     title = "Too Many Requests"
     type_slug = "rate-limited"
+    counts_as_failure = False
 
 
 class BackendError(ModelyardError):
@@ -116,6 +129,18 @@ class ServiceUnavailableError(ModelyardError):
 
 class ModelNotReadyError(ServiceUnavailableError):
     type_slug = "model-not-ready"
+
+
+class QueueFullError(ServiceUnavailableError):
+    """A version's batch queue is full: load shed before the backend was asked."""
+
+    counts_as_failure = False
+
+
+class DrainingError(ServiceUnavailableError):
+    """The server is shutting down and takes no new requests."""
+
+    counts_as_failure = False
 
 
 class TimeoutError_(ModelyardError):  # avoid shadowing the builtin

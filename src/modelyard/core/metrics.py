@@ -332,10 +332,12 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         families = self._families()
-        depth, state, version_state, progress, transitions, failovers, exhausted = families
+        depth, state, version_state, progress, transitions, failovers, exhausted, stuck = families
         for entry in self._models:
             for v in entry.versions.values():
                 _version_samples(v, depth, state, version_state, progress, transitions)
+                if v.batcher is not None:
+                    stuck.add_metric([v.name, v.version], v.batcher.stuck_calls)
         for chain in self._aliases.values():
             failovers.add_metric([chain.name], chain.failovers)
             exhausted.add_metric([chain.name], chain.exhausted)
@@ -378,6 +380,11 @@ class _StateCollector(Collector):
                 f"{PREFIX}_failover_exhausted",
                 "Alias requests no target could answer (503).",
                 labels=["alias"],
+            ),
+            CounterMetricFamily(
+                f"{PREFIX}_stuck_backend_calls",
+                "Backend calls still running after they were cancelled (version unhealthy).",
+                labels=MODEL_LABELS,
             ),
         ]
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from modelyard._version import __version__
 from modelyard.core.batching import BatchTiming
+from modelyard.core.breaker import counts_as_failure
 from modelyard.core.canaries import Canaries
 from modelyard.core.errors import (
     BackendError,
@@ -174,7 +175,9 @@ class InferencePipeline:
             self._record(found, failed=True)
             raise TimeoutError_(f"model {model!r} did not answer within {timeout_s:g}s") from None
         except ModelyardError as exc:
-            self._record(found, failed=exc.status_code >= 500)
+            verdict = counts_as_failure(exc)
+            if verdict is not False:  # an admission refusal (queue full) is no answer at all
+                self._record(found, failed=bool(verdict))
             raise
         except Exception:
             self._record(found, failed=True)
@@ -203,9 +206,10 @@ class InferencePipeline:
                 first = None
             except ModelyardError:
                 raise
-            except Exception as exc:
+            except Exception:
+                # The client gets a stable message; the log gets the exception and request id.
                 log.exception("stream from %s failed to start", model)
-                raise BackendError(f"backend failed: {type(exc).__name__}: {exc}") from None
+                raise BackendError(f"model {model!r} failed to answer") from None
         return _prepend(first, chunks)
 
 

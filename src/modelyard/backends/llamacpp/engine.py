@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from modelyard.backends.llamacpp.runtime import BatchEntry, LlamaRuntime
-from modelyard.core.errors import BackendError, ServiceUnavailableError
+from modelyard.core.errors import BackendError, QueueFullError, ServiceUnavailableError
 from modelyard.core.types import GenerationParams, StreamChunk
 
 __all__ = ["Engine", "Generation", "StopMatcher"]
@@ -473,7 +473,7 @@ class Engine:
     def submit(self, prompt: list[int], params: GenerationParams, max_tokens: int) -> Generation:
         """Queue a generation; 503 + Retry-After when every slot and queue place is taken."""
         if self.open >= self.capacity:
-            raise ServiceUnavailableError(
+            raise QueueFullError(  # load shed: never counted against the version's breaker
                 f"all {self.runtime.n_seq_max} slots busy and "
                 f"{self.capacity - self.runtime.n_seq_max} requests waiting; retry shortly",
                 retry_after=1,

@@ -1,0 +1,148 @@
+"""Hangs over HTTP: a hung model gives its queue slots back and keeps answering promptly.
+
+The scenario of issue 19 against a real server on 127.0.0.1: breaker off, a queue of 8,
+batches of 2, a backend that never answers, 20 requests at once. Bounded: requests time out
+after 300 ms, every poll has a deadline, and the batcher's clock is a FakeClock, so the test
+decides when an abandoned backend call has been stuck for long enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from modelyard import hookimpl
+from modelyard.api.app import create_app
+from modelyard.core.backend import Backend
+from modelyard.core.plugins import PluginHost
+from modelyard.core.registry import ModelVersion
+from modelyard.core.service import InferenceService
+from modelyard.core.settings import Settings
+from modelyard.core.types import InferenceRequest, InferenceResult
+from modelyard.testing import FakeClock, HangingBackend, LiveServer, run_live_server
+
+BURST = 20
+QUEUE = 8
+BODY = {"model": "h", "input": "x"}
+
+
+class StuckBackend(HangingBackend):
+    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing."""
+
+    name = "stuck"
+
+    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        self.calls.append(len(batch))
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                continue
+        return [self._answer(r) for r in batch]
+
+
+class _Plugin:
+    @staticmethod
+    @hookimpl
+    def register_backends(register: Callable[[type[Backend]], None]) -> None:
+        register(StuckBackend)
+
+
+@dataclass
+class Live:
+    server: LiveServer
+    service: InferenceService
+    clock: FakeClock
+
+    @property
+    def version(self) -> ModelVersion:
+        return self.service.registry.get("h")
+
+
+@pytest.fixture(params=["hanging", "stuck"])
+def live(
+    request: pytest.FixtureRequest, plugin_host: PluginHost,
+    make_settings: Callable[..., Settings], fake_clock: FakeClock,
+) -> Iterator[Live]:
+    plugin_host.register(_Plugin(), name="stuck-backend")
+    settings = make_settings(models=[{
+        "name": "h", "backend": request.param, "source": ".", "task": "embeddings",
+        "batching": {"max_batch_size": 2, "max_queue_size": QUEUE, "timeout_ms": 300},
+        "breaker": {"enabled": False},
+    }])
+    service = InferenceService(settings, plugin_host, clock=fake_clock)
+    app = create_app(settings, plugins=plugin_host, service=service)
+    try:
+        with run_live_server(app) as server:
+            _wait(service.ready, "the server to be ready")
+            live = Live(server, service, fake_clock)
+            try:
+                yield live
+            finally:
+                backend = live.version.backend
+                if isinstance(backend, HangingBackend):
+                    backend.open_gate()
+    finally:
+        plugin_host.unregister("stuck-backend")
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _sample(metrics: str, name: str) -> float:
+    match = re.search(rf'^{name}{{model="h",version="1"}} (\S+)$', metrics, re.MULTILINE)
+    assert match, f"{name} not in the scrape"
+    return float(match.group(1))
+
+
+async def _burst(client: httpx.AsyncClient) -> list[httpx.Response]:
+    responses = await asyncio.gather(
+        *(client.post("/v1/embeddings", json=BODY) for _ in range(BURST))
+    )
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {503, 504}, statuses
+    # The queue holds eight, the first batch up to two more (none when all 20 arrive before the
+    # worker wakes): the rest are shed at once.
+    assert QUEUE <= statuses.count(504) <= QUEUE + 2, statuses
+    for shed in (r for r in responses if r.status_code == 503):
+        assert "queue full" in shed.json()["detail"]
+    return responses
+
+
+async def test_a_burst_on_a_hung_model_gives_the_queue_back(live: Live) -> None:
+    async with httpx.AsyncClient(base_url=live.server.url, timeout=30) as client:
+        await _burst(client)
+        metrics = (await client.get("/metrics")).text
+        assert _sample(metrics, "modelyard_queue_depth") == 0  # at once: no worker needed
+
+        later = await client.post("/v1/embeddings", json=BODY)
+        if isinstance(live.version.backend, StuckBackend):
+            # The stuck call still holds the worker: the request waits its own 300 ms.
+            assert later.status_code == 504, later.text
+            live.clock.advance(live.version.batcher.stuck_after_s)  # type: ignore[union-attr]
+            refused = await client.post("/v1/embeddings", json=BODY)
+            assert refused.status_code == 503, refused.text
+            assert "is unhealthy" in refused.json()["detail"]
+            assert refused.headers["retry-after"]
+            metrics = (await client.get("/metrics")).text
+            assert _sample(metrics, "modelyard_stuck_backend_calls_total") == 1
+            models = (await client.get("/admin/models")).json()["models"]
+            health: Any = models[0]["versions"][0]["health"]
+            assert health["ok"] is False and "not returned" in health["detail"]
+        else:
+            # The hung call was cancelled once its callers left: the next one is tried.
+            assert later.status_code == 504, later.text
+            assert "did not answer within 0.3s" in later.json()["detail"]
+        metrics = (await client.get("/metrics")).text
+        assert _sample(metrics, "modelyard_queue_depth") == 0
