@@ -15,6 +15,9 @@ from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+#: The canaries below fail on real traffic; without warm-up they load as ready (a version that
+#: fails its warm-up probe never would, see tests/reliability/test_swap_safety.py).
+NO_WARMUP = {"warmup": False}
 
 
 @pytest.fixture
@@ -23,7 +26,8 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(
         server={"canary_min_calls": 4, "canary_error_margin": 0.2},
-        models=[{"name": "m", "backend": "echo", "source": ".", "task": "chat"}],
+        models=[{"name": "m", "backend": "echo", "source": ".", "task": "chat",
+                 "probe": NO_WARMUP}],
     )
     service = InferenceService(settings, plugin_host)
     app = create_app(settings, plugins=plugin_host, service=service)
@@ -79,6 +83,37 @@ async def test_failing_canary_rolls_back_by_itself(client: httpx.AsyncClient) ->
     assert "error rate" in model["last_canary_rollback"]
 
 
+async def test_an_added_failing_version_never_becomes_a_canary(
+    make_settings: Callable[..., Settings], plugin_host: PluginHost
+) -> None:
+    settings = make_settings(models=[{"name": "m", "backend": "echo", "source": ".",
+                                      "task": "chat"}])
+    service = InferenceService(settings, plugin_host)
+    app = create_app(settings, plugins=plugin_host, service=service)
+    await service.start()
+    await service.wait_until_loaded()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            r = await c.post("/admin/models/m/versions",
+                             json={"version": "2", "source": ".", "backend": "failing"})
+            for _ in range(500):
+                state = (await c.get(r.headers["location"])).json()["state"]
+                if state != "loading":
+                    break
+                await asyncio.sleep(0.002)
+            assert state == "failed"  # its warm-up probe failed
+            r = await c.post("/admin/models/m/canary", json={"to": "2", "percent": 50})
+            assert r.status_code == 409
+            statuses = Counter(
+                [(await c.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(10)]
+            )
+            assert statuses == {200: 10}
+    finally:
+        await service.stop()
+
+
 async def test_promote_makes_the_canary_active(client: httpx.AsyncClient) -> None:
     await _add_ready(client, "2")
     await client.post("/admin/models/m/canary", json={"to": "2", "percent": 10})
@@ -107,7 +142,8 @@ async def test_canary_rolls_back_when_its_breaker_opens(
     settings = make_settings(
         server={"canary_min_calls": 1000, "canary_error_margin": 1.0},
         models=[
-            {"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": breaker}
+            {"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": breaker,
+             "probe": NO_WARMUP}
         ],
     )
     service = InferenceService(settings, plugin_host)

@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
+from modelyard import hookimpl
 from modelyard.api.app import create_app
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
-from modelyard.testing import run_live_server
+from modelyard.testing import EchoBackend, run_live_server
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -186,3 +187,70 @@ def test_swap_and_rollback_under_concurrent_load_over_real_http(
         switches = sum(1 for a, b in itertools.pairwise(versions) if a != b)
         assert versions[0] == "1" and versions[-1] == "1" and switches == 2, versions
         assert "2" in versions
+
+
+async def test_the_safety_report_tries_the_target_and_keeps_its_shape(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/admin/models/m/versions", json={"version": "2", "source": "."})
+    await _wait_state(client, r.headers["location"], "ready")
+    report = (await client.get("/admin/models/m/swap/safety", params={"to": "2"})).json()
+    assert set(report) == {"model", "to", "from", "safe", "checks"}
+    assert [c["name"] for c in report["checks"]] == [
+        "target_exists", "target_ready", "no_concurrent_operation", "target_not_active",
+        "target_healthy", "health_score", "same_task", "same_signature", "probe",
+    ]
+    assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
+    assert report["safe"] is True
+    health = (await client.get("/admin/models/m/versions/2")).json()["health"]
+    assert health["ok"] is True and health["detail"] == "answered a chat probe"
+
+
+class _RuntimeFailsToLoad(EchoBackend):
+    name = "runtime-fails"
+
+    async def load(self) -> None:
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : Load model from /srv/m.onnx failed:"
+            "/onnxruntime_src/onnxruntime/core/graph/model.cc:149 onnxruntime::Model::Model"
+        )
+
+
+class _Plugin:
+    @staticmethod
+    @hookimpl
+    def register_backends(register: Any) -> None:
+        register(_RuntimeFailsToLoad)
+
+
+async def test_load_errors_shown_to_clients_carry_no_runtime_internals(
+    make_settings: Callable[..., Settings], plugin_host: PluginHost
+) -> None:
+    plugin_host.register(_Plugin(), name="runtime-fails")
+    try:
+        settings = make_settings(models=[
+            {"name": "m", "backend": "echo", "source": ".", "task": "chat"},
+            {"name": "x", "backend": "runtime-fails", "source": ".", "task": "chat",
+             "required": False},
+        ])
+        service = InferenceService(settings, plugin_host)
+        app = create_app(settings, plugins=plugin_host, service=service)
+        transport = httpx.ASGITransport(app=app)
+        async with _Lifespan(service), httpx.AsyncClient(
+            transport=transport, base_url="http://t"
+        ) as c:
+            r = await c.post("/admin/models/m/versions",
+                             json={"version": "2", "source": ".", "backend": "runtime-fails"})
+            added = await _wait_state(c, r.headers["location"], "failed")
+            shown = [
+                added["error"],
+                (await c.get("/admin/models")).text,
+                (await c.post("/v2/repository/index", json={})).text,
+                (await c.post("/v1/chat/completions", json={**CHAT, "model": "x"})).text,
+            ]
+    finally:
+        plugin_host.unregister("runtime-fails")
+    assert added["error"].startswith("failed to load: ")
+    for text in shown:
+        assert "onnxruntime_src" not in text and "RuntimeError" not in text, text
+        assert "ONNXRuntimeError" not in text, text

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from modelyard import ServerContext, hookimpl
+from modelyard.core.auth import Principal
 from modelyard.core.errors import (
     BackendError,
     ModelNotFoundError,
@@ -150,7 +151,7 @@ async def test_a_missing_source_fails_the_version_not_the_server(start_service: 
 async def test_a_backend_failure_is_a_500_and_the_model_keeps_serving(start_service: Start) -> None:
     service = await start_service(_model("flaky", backend="failing"))
     for _ in range(2):
-        with pytest.raises(BackendError, match="failing backend always fails"):
+        with pytest.raises(BackendError, match="model 'flaky' failed to answer"):
             await service.infer("flaky", _chat("x"))
     assert service.registry.get("flaky").serving
 
@@ -196,7 +197,7 @@ async def test_stream_yields_pieces_then_the_finish(start_service: Start) -> Non
 
 async def test_a_stream_that_fails_to_start_raises_before_any_chunk(start_service: Start) -> None:
     service = await start_service(_model("flaky", backend="failing"))
-    with pytest.raises(BackendError, match="failing backend always fails"):
+    with pytest.raises(BackendError, match="model 'flaky' failed to answer"):
         await service.stream("flaky", _chat("x"))
 
 
@@ -280,3 +281,90 @@ async def test_lifecycle_hooks_see_startup_states_and_shutdown(
         "shutdown",
         "m:active>unloaded",
     ]
+
+
+RUNTIME_TEXT = (
+    "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /models/m.onnx failed: "
+    "/onnxruntime_src/onnxruntime/core/graph/model.cc:180 Protobuf parsing failed"
+)
+
+
+class _RuntimeFailsToLoad(HangingBackend):
+    """A runtime that raises its own exception type, message full of its source paths."""
+
+    name = "runtime-fails"
+
+    async def load(self) -> None:
+        raise RuntimeError(RUNTIME_TEXT)
+
+
+async def test_a_runtime_load_error_goes_to_the_log_and_clients_get_a_stable_message(
+    start_service: Start, plugin_host: PluginHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_backends(register: Any) -> None:
+            register(_RuntimeFailsToLoad)
+
+    plugin_host.register(Plugin(), name="runtime-fails")
+    try:
+        service = await start_service(_model("m", backend="runtime-fails"), _model("ok"))
+    finally:
+        plugin_host.unregister("runtime-fails")
+    version = service.registry.entry("m").versions["1"]
+    assert version.state == VersionState.FAILED
+    assert version.error == (
+        "failed to load: backend 'runtime-fails' raised an unexpected error; "
+        "the server log has the details"
+    )
+    with pytest.raises(ModelNotReadyError) as caught:
+        await service.infer("m", _chat("x"))
+    shown = [
+        caught.value.detail,
+        *(v.error or "" for m in service.model_views() for v in m.versions),
+        *(row.reason for row in service.repository_index(Principal("test"))),
+    ]
+    for text in shown:
+        assert "onnxruntime_src" not in text and "RuntimeError" not in text, text
+    assert RUNTIME_TEXT in caplog.text  # the operator still gets the runtime's own words
+
+
+async def test_configured_versions_do_not_warm_up_by_default(start_service: Start) -> None:
+    service = await start_service(_model("m", backend="counting"))
+    version = service.registry.entry("m").versions["1"]
+    assert version.backend.calls == []  # type: ignore[union-attr]
+    assert version.health is None
+
+
+async def test_warm_up_sends_the_probe_before_the_version_is_ready(start_service: Start) -> None:
+    service = await start_service(
+        _model("m", backend="counting", probe={"warmup": True}),
+        _model("e", backend="counting", task="embeddings", probe={"warmup": True}),
+    )
+    for name in ("m", "e"):
+        version = service.registry.entry(name).versions["1"]
+        assert version.state == VersionState.ACTIVE
+        assert version.backend.calls == [1]  # type: ignore[union-attr]
+        assert version.health is not None and version.health.ok
+
+
+async def test_a_version_that_fails_warm_up_is_failed_and_unloaded(start_service: Start) -> None:
+    service = await start_service(
+        _model("bad", backend="failing", probe={"warmup": True}), _model("ok")
+    )
+    version = service.registry.entry("bad").versions["1"]
+    assert version.state == VersionState.FAILED
+    assert version.error.startswith("warm-up probe failed: ")
+    assert version.backend is None and version.batcher is None
+    assert not service.ready()
+    with pytest.raises(ModelNotReadyError, match="warm-up probe failed"):
+        await service.infer("bad", _chat("x"))
+
+
+async def test_an_expectation_the_answer_misses_fails_warm_up(start_service: Start) -> None:
+    service = await start_service(
+        _model("m", probe={"warmup": True, "prompt": "ping", "expect": {"text_contains": "pong"}})
+    )
+    version = service.registry.entry("m").versions["1"]
+    assert version.error == "warm-up probe failed: the answer 'ping' lacks 'pong'"

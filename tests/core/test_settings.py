@@ -216,3 +216,22 @@ def test_settings_round_trip_through_msgspec() -> None:
     settings = load_settings(EXAMPLE, env={})
     again = msgspec.convert(msgspec.to_builtins(settings), Settings)
     assert again == settings
+
+
+def test_relative_sources_resolve_against_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "deploy" / "modelyard.toml"
+    conf.parent.mkdir()
+    conf.write_text(
+        '[[models]]\nname = "a"\nbackend = "echo"\nsource = "models/a.onnx"\n'
+        '[[models]]\nname = "b"\nbackend = "echo"\nsource = "file:b.gguf"\n'
+        '[[models]]\nname = "c"\nbackend = "echo"\nsource = "pypi:pkg/c.gguf"\n'
+        '[[models]]\nname = "d"\nbackend = "echo"\nsource = "/abs/d.gguf"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # not the config's directory
+    sources = [m.source for m in load_settings(conf, env={}).models]
+    assert sources == [
+        str(conf.parent / "models" / "a.onnx"), str(conf.parent / "b.gguf"), "pypi:pkg/c.gguf",
+        "/abs/d.gguf",
+    ]

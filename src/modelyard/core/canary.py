@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from msgspec import Struct
 
-__all__ = ["Canary"]
+__all__ = ["Canary", "CanaryView", "OutcomeView"]
+
+
+class OutcomeView(Struct, frozen=True, kw_only=True):
+    """One version's answers while a canary runs."""
+
+    calls: int
+    failures: int
+    error_rate: float
+
+
+class CanaryView(Struct, frozen=True, kw_only=True):
+    """A running canary: its version, its share, and how each version has answered."""
+
+    target: str
+    percent: float
+    outcomes: dict[str, OutcomeView]
 
 
 class _Outcomes:
@@ -60,12 +76,13 @@ class Canary:
             )
         return None
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "percent": self.percent,
-            "outcomes": {
-                v: {"calls": o.calls, "failures": o.failures, "error_rate": round(o.error_rate, 4)}
+    def snapshot(self) -> CanaryView:
+        return CanaryView(
+            target=self.target,
+            percent=self.percent,
+            outcomes={
+                v: OutcomeView(calls=o.calls, failures=o.failures,
+                               error_rate=round(o.error_rate, 4))
                 for v, o in self._outcomes.items()
             },
-        }
+        )

@@ -1,9 +1,14 @@
-"""``Deployments``: which versions exist and which one serves — load, swap, rollback, canary."""
+"""``Deployments``: which versions exist and which one serves — load, swap, rollback, canary.
+
+It also runs the periodic health probes of serving versions (``HealthProber``), when on.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -15,6 +20,7 @@ from modelyard.core.canaries import Canaries
 from modelyard.core.canary import Canary
 from modelyard.core.errors import ConfigError, ConflictError, ModelNotFoundError
 from modelyard.core.loader import ModelLoader
+from modelyard.core.probes import HealthProber, ProbeOutcome, Sleeper, compare_io, run_probe
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
 from modelyard.core.settings import ModelSpec, ServerSettings, decode_settings, resolve_models
 from modelyard.core.telemetry import Telemetry
@@ -42,6 +48,7 @@ class Deployments:
         telemetry: Telemetry,
         clock: Clock,
         on_state: StateObserver,
+        sleep: Sleeper = asyncio.sleep,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -55,6 +62,8 @@ class Deployments:
         # Per model: previously active versions, newest last, for rollback.
         self._history: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._sleep = sleep
+        self._probing: asyncio.Task[None] | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -72,9 +81,25 @@ class Deployments:
             version = self._registry.entry(spec.name).versions[spec.version]
             await self._load(version, activate=spec.active)
 
-    async def _load(self, version: ModelVersion, *, activate: bool) -> None:
-        if await self._loader.load(version) and activate:
+    async def _load(self, version: ModelVersion, *, activate: bool, added: bool = False) -> None:
+        warmup = self._warmup_timeout(version, added=added)
+        if await self._loader.load(version, warmup_timeout_s=warmup) and activate:
             self._activate(version)
+
+    def _warmup_timeout(self, version: ModelVersion, *, added: bool) -> float | None:
+        """The warm-up probe's timeout when this load warms up, else None."""
+        wanted = version.spec.probe.warmup
+        if wanted is None:
+            policy = self._settings.warmup
+            wanted = policy == "all" or (policy == "added" and added)
+        return self._probe_timeout(version) if wanted else None
+
+    def _probe_timeout(self, version: ModelVersion) -> float:
+        return version.spec.probe.timeout_s or self._settings.probe_timeout_s
+
+    def _probe_interval(self, version: ModelVersion) -> float:
+        own = version.spec.probe_interval_s
+        return self._settings.probe_interval_s if own is None else own
 
     def _new_version(self, spec: ModelSpec) -> ModelVersion:
         return ModelVersion(spec, self._on_state, clock=self._clock)
@@ -165,6 +190,9 @@ class Deployments:
             "required": False,
             "batching": msgspec.to_builtins(template.batching),
             "breaker": msgspec.to_builtins(template.breaker),
+            # The model's probe is the request every version of it must answer.
+            "probe": msgspec.to_builtins(template.probe),
+            "probe_interval_s": template.probe_interval_s,
         }
         try:
             settings = decode_settings({"models": [raw]}, env={})
@@ -176,7 +204,7 @@ class Deployments:
 
     async def _load_locked(self, version: ModelVersion) -> None:
         async with self._lock(version.name):
-            await self._load(version, activate=False)
+            await self._load(version, activate=False, added=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -186,7 +214,7 @@ class Deployments:
     # -- swap and rollback ---------------------------------------------------------------
 
     async def swap_safety(self, name: str, to: str) -> SafetyReport:
-        """Whether ``to`` may become active now, check by check."""
+        """Whether ``to`` may become active now, check by check (a real probe among them)."""
         entry = self._registry.entry(name)
         target = entry.versions.get(to)
         checks = [
@@ -214,6 +242,7 @@ class Deployments:
                 "health_score", score >= threshold, f"{score:.2f} (threshold {threshold:.2f})"
             )
         )
+        checks += await self._stand_in_checks(entry, target)
         return SafetyReport(
             model=name,
             to=to,
@@ -221,6 +250,65 @@ class Deployments:
             safe=all(c.ok for c in checks),
             checks=checks,
         )
+
+    async def _stand_in_checks(
+        self, entry: ModelEntry, target: ModelVersion | None
+    ) -> list[SafetyCheck]:
+        """Can ``target`` answer what the active version answers: task, signature, a probe."""
+        names = ("same_task", "same_signature", "probe")
+        if target is None or not target.serving:
+            reason = "no such version" if target is None else "not serving"
+            return [SafetyCheck(n, False, reason) for n in names]
+        probed = await self._probe(target)
+        probe = SafetyCheck("probe", probed.ok, probed.detail)
+        active = entry.active
+        if active is None or active is target:
+            alone = "no other active version to compare with"
+            return [SafetyCheck("same_task", True, alone),
+                    SafetyCheck("same_signature", True, alone), probe]
+        if active.task is None:
+            same_task = SafetyCheck("same_task", True, "the active version's task is unknown")
+        else:
+            same_task = SafetyCheck(
+                "same_task", target.task == active.task,
+                f"{active.task.value} -> {target.task.value if target.task else 'unknown'}",
+            )
+        if not same_task.ok:
+            signature = SafetyCheck("same_signature", False, "not compared: the tasks differ")
+        else:
+            signature = await self._same_signature(active, target, probed)
+        return [same_task, signature, probe]
+
+    async def _same_signature(
+        self, active: ModelVersion, target: ModelVersion, probed: ProbeOutcome
+    ) -> SafetyCheck:
+        """Tensor models: the same inputs and outputs; embeddings: the same width."""
+        name = "same_signature"
+        if not active.serving or active.backend is None or target.backend is None:
+            return SafetyCheck(name, True, "not compared: the active version is not serving")
+        if target.task == Task.TENSOR:
+            problem = compare_io(active.backend.info(), target.backend.info())
+            return SafetyCheck(name, not problem, problem or "the same input and output tensors")
+        if target.task == Task.EMBEDDINGS:
+            if probed.dimensions is None:
+                return SafetyCheck(name, False, "not compared: the probe got no vectors")
+            theirs = await self._probe(active)
+            if theirs.dimensions is None:
+                # A broken active version is a reason to swap, not to refuse.
+                return SafetyCheck(
+                    name, True, f"not compared: the active version's probe failed: {theirs.detail}"
+                )
+            return SafetyCheck(
+                name, theirs.dimensions == probed.dimensions,
+                f"{theirs.dimensions} -> {probed.dimensions} dimensions",
+            )
+        task = target.task.value if target.task else "unknown"
+        return SafetyCheck(name, True, f"nothing to compare for {task}")
+
+    async def _probe(self, version: ModelVersion) -> ProbeOutcome:
+        outcome = await run_probe(version, timeout_s=self._probe_timeout(version))
+        version.record_health(outcome.ok, outcome.detail, time.time())
+        return outcome
 
     async def swap(self, name: str, to: str) -> SafetyReport:
         """Make ``to`` active atomically; 409 with the safety report when unsafe."""
@@ -231,7 +319,13 @@ class Deployments:
                 extra={"report": msgspec.to_builtins(report)},
             )
         async with self._lock(name):
-            self._activate(self._registry.entry(name).versions[to])
+            target = self._registry.entry(name).versions.get(to)
+            if target is None or not target.serving:  # unloaded while the checks ran
+                raise ConflictError(
+                    f"version {to!r} of {name!r} stopped serving during the swap checks",
+                    extra={"report": msgspec.to_builtins(report)},
+                )
+            self._activate(target)
             self._telemetry.swapped(name)
             await self._prune_deprecated(name)
         return report
@@ -299,6 +393,32 @@ class Deployments:
 
     def traffic(self, name: str) -> dict[str, float]:
         return self._canaries.traffic(self._registry.entry(name))
+
+    # -- periodic health probes -----------------------------------------------------------
+
+    def start_probes(self) -> None:
+        """Start probing serving versions when any model has an interval (off by default)."""
+        versions = [v for e in self._registry for v in e.versions.values()]
+        intervals = [i for i in map(self._probe_interval, versions) if i > 0]
+        if not intervals or self._probing is not None:
+            return
+        prober = HealthProber(
+            lambda: [v for e in self._registry for v in e.versions.values()],
+            interval_of=self._probe_interval, timeout_of=self._probe_timeout,
+            idle_s=min(intervals), clock=self._clock, sleep=self._sleep,
+            after_probe=self._canaries.roll_back_if_open,
+        )
+        self._probing = asyncio.get_running_loop().create_task(
+            prober.run(), name="modelyard-health-probes"
+        )
+
+    async def stop_probes(self) -> None:
+        task, self._probing = self._probing, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     # -- views ---------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from modelyard.core.backend import Backend, LoadContext
 from modelyard.core.batching import Batcher, Clock
 from modelyard.core.errors import ModelLoadError, ModelyardError
+from modelyard.core.probes import run_probe
 from modelyard.core.registry import ModelVersion, VersionState
 from modelyard.core.response_cache import ResponseCache
 from modelyard.core.sources import Progress
@@ -24,7 +26,7 @@ ResolveSource = Callable[[str, Path, Progress], Path]
 
 
 class ModelLoader:
-    """Loads one version at a time: source, backend, health check, batcher; reports progress."""
+    """Loads one version at a time: source, backend, health check, batcher, warm-up probe."""
 
     def __init__(
         self,
@@ -41,27 +43,39 @@ class ModelLoader:
         self._clock = clock
         self._response_cache = response_cache
 
-    async def load(self, version: ModelVersion) -> bool:
-        """Load ``version`` until it is ready (True) or failed with its reason (False)."""
+    async def load(self, version: ModelVersion, *, warmup_timeout_s: float | None = None) -> bool:
+        """Load ``version`` until it is ready (True) or failed with its reason (False).
+
+        With ``warmup_timeout_s`` the version must also answer its probe (a real request of
+        its task) within that time before it is ready.
+        """
         spec = version.spec
         started = self._clock()
         version.error = ""
+        version.health = None
         version.set_state(VersionState.LOADING)
         try:
             backend = await self._build_backend(version)
         except asyncio.CancelledError:
             raise
-        except ModelyardError as exc:
+        except ModelyardError as exc:  # ours and our backends' messages are written for clients
             self._failed(version, exc.detail)
             return False
-        except Exception as exc:  # a broken model must never take the server down
+        except Exception:  # a broken model must never take the server down
+            # A runtime's own text may carry class names and source paths: the log gets it,
+            # clients get a stable sentence.
             log.exception("loading %s:%s failed", spec.name, spec.version)
-            self._failed(version, f"{type(exc).__name__}: {exc}")
+            self._failed(
+                version, f"failed to load: backend {spec.backend.name!r} raised an unexpected "
+                "error; the server log has the details",
+            )
             return False
         version.backend = backend
         version.batcher = self._batcher(version, backend)
         version.batcher.start()
         version.breaker.reset()  # a reloaded version starts with a clean record
+        if warmup_timeout_s is not None and not await self._warm_up(version, warmup_timeout_s):
+            return False
         version.progress, version.phase = 100.0, "ready"
         self._telemetry.model_loaded(version, self._clock() - started)
         version.set_state(VersionState.READY)
@@ -69,15 +83,32 @@ class ModelLoader:
 
     def _batcher(self, version: ModelVersion, backend: Backend) -> Batcher:
         batching = version.spec.batching
+        size = batching.max_batch_size or backend.max_batch_size
+        if size > backend.max_batch_size:  # the backend's own limit is a hard cap
+            log.warning(
+                "model %s version %s: batching.max_batch_size %d exceeds the backend's limit "
+                "%d; using %d", version.name, version.version, size, backend.max_batch_size,
+                backend.max_batch_size,
+            )
+            size = backend.max_batch_size
+
+        def stuck(reason: str) -> None:
+            # Out of service until the call returns: the breaker (when on) refuses and
+            # failover skips the version; the admin view shows why.
+            version.breaker.force_open(reason)
+            version.record_health(False, reason, time.time())
+
         return Batcher(
             backend,
-            max_batch_size=batching.max_batch_size or backend.max_batch_size,
+            model=version.name,
+            max_batch_size=size,
             max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
             refill_wait_s=batching.refill_wait_ms / 1000.0,
             concurrency=backend.concurrent_batches,
             clock=self._clock,
             on_batch=self._telemetry.batch_observer(version),
+            on_stuck=stuck,
         )
 
     async def _build_backend(self, version: ModelVersion) -> Backend:
@@ -118,6 +149,17 @@ class ModelLoader:
             await backend.unload()
             raise ModelLoadError(f"health check failed: {report.detail or 'unhealthy'}")
         return backend
+
+    async def _warm_up(self, version: ModelVersion, timeout_s: float) -> bool:
+        """Send the probe before anyone else may; on failure the version is failed, unloaded."""
+        version.phase, version.progress = "warm-up", max(version.progress, 95.0)
+        outcome = await run_probe(version, timeout_s=timeout_s)
+        version.record_health(outcome.ok, outcome.detail, time.time())
+        if outcome.ok:
+            return True
+        self._failed(version, f"warm-up probe failed: {outcome.detail}")
+        await self.release(version)  # a failed version keeps its state and reason
+        return False
 
     def _failed(self, version: ModelVersion, reason: str) -> None:
         log.error("model %s version %s failed to load: %s", version.name, version.version, reason)

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from msgspec import Struct
+
 from modelyard.core.breaker import CircuitBreaker
 from modelyard.core.errors import ModelNotFoundError, ModelNotReadyError
 from modelyard.core.settings import ModelSpec
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from modelyard.core.backend import Backend
     from modelyard.core.batching import Batcher
 
-__all__ = ["ModelEntry", "ModelRegistry", "ModelVersion", "VersionState"]
+__all__ = ["ModelEntry", "ModelRegistry", "ModelVersion", "VersionHealth", "VersionState"]
 
 
 class VersionState(enum.StrEnum):
@@ -29,6 +31,15 @@ class VersionState(enum.StrEnum):
 
 
 SERVING_STATES = frozenset({VersionState.READY, VersionState.ACTIVE, VersionState.DEPRECATED})
+
+
+class VersionHealth(Struct, frozen=True, kw_only=True):
+    """The last probe of a version (warm-up, swap safety or periodic): its verdict and when."""
+
+    ok: bool
+    #: Wall-clock time of the probe, seconds since the epoch.
+    checked_at: float
+    detail: str = ""
 
 
 class ModelVersion:
@@ -52,6 +63,8 @@ class ModelVersion:
         self.weights_digest: str = ""
         self.progress: float = 0.0
         self.phase: str = "queued"
+        #: The last probe's verdict; None until the version is first probed.
+        self.health: VersionHealth | None = None
         self._state: VersionState | None = None
         self._on_state = on_state
         self.breaker = CircuitBreaker(
@@ -68,6 +81,9 @@ class ModelVersion:
             self.error = error
         if old != new:
             self._on_state(self, old, new)
+
+    def record_health(self, ok: bool, detail: str, checked_at: float) -> None:
+        self.health = VersionHealth(ok=ok, checked_at=checked_at, detail=detail)
 
     @property
     def serving(self) -> bool:

@@ -32,6 +32,7 @@ from modelyard.core.failover import build_chains
 from modelyard.core.loader import ModelLoader, ResolveSource
 from modelyard.core.pipeline import Answer, InferencePipeline, StreamAnswer
 from modelyard.core.plugins import PluginHost, PluginRecord
+from modelyard.core.probes import Sleeper
 from modelyard.core.registry import ModelRegistry, ModelVersion, VersionState
 from modelyard.core.response_cache import CacheDirective, ResponseCache
 from modelyard.core.routing import Router
@@ -68,12 +69,15 @@ class InferenceService:
         clock: Clock = time.monotonic,
         source_resolver: ResolveSource | None = None,
         telemetry: Telemetry | None = None,
+        sleep: Sleeper = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self._plugins = plugins
         self._clock = clock
         self._registry = ModelRegistry()
-        self._specs: list[ModelSpec] = resolve_models(settings, plugins.backends)
+        self._specs: list[ModelSpec] = resolve_models(
+            settings, plugins.backends, unavailable=plugins.unavailable()
+        )
         versions: dict[str, list[str]] = {}
         for spec in self._specs:
             versions.setdefault(spec.name, []).append(spec.version)
@@ -97,7 +101,7 @@ class InferenceService:
         )
         self._deployments = Deployments(
             settings.server, self._registry, loader, canaries, backends=plugins.backends,
-            telemetry=self.telemetry, clock=clock, on_state=self._state_changed,
+            telemetry=self.telemetry, clock=clock, on_state=self._state_changed, sleep=sleep,
         )
         self._pipeline = InferencePipeline(
             settings, self._registry, self._router, canaries, self.telemetry,
@@ -131,6 +135,7 @@ class InferenceService:
         self._cache = await self._open_cache()
         self._plugins.server_startup(self._context)
         self._deployments.register(self._specs)
+        self._deployments.start_probes()
         self._loading = asyncio.get_running_loop().create_task(
             self._deployments.load_all(self._specs)
         )
@@ -158,6 +163,7 @@ class InferenceService:
             except asyncio.CancelledError:
                 pass
         self._plugins.server_shutdown(self._context)
+        await self._deployments.stop_probes()
         await self._deployments.release_all()
         if self._cache is not None:
             await self._cache.close()

@@ -18,8 +18,11 @@ from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
 from modelyard.core.cache_settings import CacheSettings
+from modelyard.core.cors_settings import CorsSettings
 from modelyard.core.errors import ConfigError
+from modelyard.core.integrity import with_pin
 from modelyard.core.limits import LimitSettings
+from modelyard.core.probes import ProbeSettings
 from modelyard.core.types import Task
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "ModelSpec",
     "ServerSettings",
     "Settings",
+    "anchor_sources",
     "cache_dir_of",
     "decode_settings",
     "load_settings",
@@ -65,6 +69,15 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     canary_min_calls: Annotated[int, Meta(ge=1)] = 20
     #: Roll a canary back when its error rate exceeds the active's by more than this (0-1).
     canary_error_margin: Annotated[float, Meta(ge=0, le=1)] = 0.1
+    #: Which loads send the warm-up probe before a version is ``ready`` (a failure: ``failed``):
+    #: ``added`` — versions added to a running server (candidates for a swap); ``all`` — also
+    #: the configured ones at startup and v2 repository loads; ``off`` — none.
+    #: ``[models.probe] warmup`` overrides it per model.
+    warmup: Literal["added", "all", "off"] = "added"
+    #: How long a probe (warm-up, swap safety, periodic) may take before it counts as failed.
+    probe_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    #: Probe every serving version this often (seconds); 0 turns periodic probes off.
+    probe_interval_s: Annotated[float, Meta(ge=0)] = 0.0
 
 
 class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -96,6 +109,13 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     options: dict[str, Any] = field(default_factory=dict)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    #: The request that warms up, checks and watches this model's versions.
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    #: Periodic probes of this model; None takes ``server.probe_interval_s``, 0 turns them off.
+    probe_interval_s: Annotated[float, Meta(ge=0)] | None = None
+    #: Pins the content (a file's sha256, or a folder's listing digest); a mismatch fails the
+    #: load naming both digests. Same as ending ``source`` with ``#sha256=HEX``.
+    sha256: Annotated[str, Meta(pattern=r"^[0-9A-Fa-f]{64}$")] | None = None
 
 
 class AliasSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -117,6 +137,8 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = field(default_factory=AuthSettings)
     #: Request limits per model (422) and slow-client timeouts.
     limits: LimitSettings = field(default_factory=LimitSettings)
+    #: Browser origins allowed to call the API (CORS); none by default.
+    cors: CorsSettings = field(default_factory=CorsSettings)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
@@ -133,6 +155,8 @@ class ModelSpec(Struct, frozen=True, kw_only=True):
     batching: BatchingSettings
     config_path: str
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    probe_interval_s: float | None = None
 
 
 def cache_dir_of(settings: Settings) -> Path:
@@ -169,10 +193,35 @@ def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = No
         text = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
-    return decode_settings(text, env=env)
+    return anchor_sources(decode_settings(text, env=env), p.resolve().parent)
 
 
-def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) -> list[ModelSpec]:
+def anchor_sources(settings: Settings, base: Path) -> Settings:
+    """Relative local model sources resolve against ``base`` (the config file's directory),
+    not the working directory; ``scheme:`` sources are left to their scheme."""
+    models = [
+        msgspec.structs.replace(m, source=_anchored(m.source, base)) for m in settings.models
+    ]
+    return msgspec.structs.replace(settings, models=models)
+
+
+def _anchored(source: str, base: Path) -> str:
+    scheme, sep, rest = source.partition(":")
+    if sep and len(scheme) > 1 and scheme != "file":
+        return source  # pypi:, demo:, hf:, https:, ... (one letter is a Windows drive)
+    local = rest if sep and scheme == "file" else source
+    path = Path(local).expanduser()
+    if path.is_absolute():
+        return source
+    return str(base / path)
+
+
+def resolve_models(
+    settings: Settings,
+    backends: Mapping[str, type[Backend]],
+    *,
+    unavailable: Mapping[str, str] | None = None,
+) -> list[ModelSpec]:
     """Check every model entry against the installed backends and convert its options."""
     specs: list[ModelSpec] = []
     seen: set[tuple[str, str]] = set()
@@ -182,8 +231,10 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
         cls = backends.get(entry.backend)
         if cls is None:
             installed = ", ".join(sorted(backends)) or "none"
+            broken = "; ".join(f"{name} ({why})" for name, why in (unavailable or {}).items())
             raise ConfigError(
                 f"{where}.backend: unknown backend {entry.backend!r}; installed: {installed}"
+                + (f"; plugins that did not load: {broken}" if broken else "")
             )
         if (entry.name, entry.version) in seen:
             raise ConfigError(
@@ -212,7 +263,7 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
                 name=entry.name,
                 version=entry.version,
                 backend=cls,
-                source=entry.source,
+                source=with_pin(entry.source, entry.sha256, f"{where}.sha256"),
                 task=entry.task,
                 options=options,
                 active=bool(entry.active),
@@ -220,6 +271,8 @@ def resolve_models(settings: Settings, backends: Mapping[str, type[Backend]]) ->
                 batching=entry.batching,
                 config_path=where,
                 breaker=entry.breaker,
+                probe=entry.probe,
+                probe_interval_s=entry.probe_interval_s,
             )
         )
     # A name with no version marked active serves its first listed version.

@@ -11,7 +11,8 @@ from typing import Any
 from msgspec import Struct, field
 
 from modelyard.core.backend import BackendInfo
-from modelyard.core.registry import ModelVersion
+from modelyard.core.canary import CanaryView
+from modelyard.core.registry import ModelVersion, VersionHealth
 from modelyard.core.types import Task
 
 __all__ = [
@@ -43,6 +44,8 @@ class VersionView(Struct, frozen=True, kw_only=True):
     error: str | None
     parameters: dict[str, Any]
     breaker: dict[str, Any]
+    #: The last probe's verdict (warm-up, swap safety, periodic); None until first probed.
+    health: VersionHealth | None = None
 
 
 class ModelView(Struct, frozen=True, kw_only=True):
@@ -53,7 +56,7 @@ class ModelView(Struct, frozen=True, kw_only=True):
     required: bool
     versions: list[VersionView]
     traffic: dict[str, float]
-    canary: dict[str, Any] | None
+    canary: CanaryView | None
     last_canary_rollback: str | None
 
 
@@ -90,6 +93,8 @@ class Readiness(Struct, frozen=True, kw_only=True):
 
 
 class SafetyCheck(Struct, frozen=True):
+    """One check of a swap: ``target_exists``, ..., ``same_task``, ``same_signature``, ``probe``."""
+
     name: str
     ok: bool
     detail: str = ""
@@ -154,4 +159,5 @@ def version_view(version: ModelVersion) -> VersionView:
         error=version.error or None,
         parameters=info.parameters if info else {},
         breaker=version.breaker.snapshot(),
+        health=version.health,
     )
