@@ -1,7 +1,11 @@
-"""SIGTERM: readiness turns 503 at once, in-flight requests finish, the process exits in time."""
+"""SIGTERM: readiness turns 503 at once, in-flight requests finish, the process exits in time;
+what is still running when the grace period ends gets 503 problem+json from the exchange layer
+(tests/reliability/test_drain.py runs that end to end)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -16,9 +20,12 @@ import httpx
 import uvicorn
 
 from modelyard.api.app import create_app
+from modelyard.api.exchange import Exchange
 from modelyard.api.server import DrainingServer
+from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
+from modelyard.core.telemetry import Telemetry
 
 
 def _free_port() -> int:
@@ -110,3 +117,103 @@ def test_sigterm_ends_the_cli_server_within_the_grace_period(tmp_path: Path) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- the exchange layer's part: Connection: close during the drain, 503 at its end -------------
+
+
+class _Client:
+    """A scripted ASGI server side: no body, then waits; records what the app sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, object]] = []
+        self.left = asyncio.Event()
+        self.body_read = False
+
+    async def receive(self) -> dict[str, object]:
+        if not self.body_read:
+            self.body_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, object]) -> None:
+        self.sent.append(message)
+
+    def header(self, name: bytes) -> bytes | None:
+        start = self.sent[0]
+        assert start["type"] == "http.response.start"
+        found = [v for k, v in start["headers"] if k == name]  # type: ignore[attr-defined]
+        return found[0] if found else None
+
+
+def _scope(path: str = "/v1/chat/completions") -> dict[str, object]:
+    return {"type": "http", "method": "POST", "path": path, "headers": []}
+
+
+def _exchange(app: object) -> Exchange:
+    return Exchange(app, Telemetry(metrics=Metrics(process=False)))  # type: ignore[arg-type]
+
+
+async def _until(condition: object) -> None:
+    for _ in range(10_000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+async def test_a_request_cut_off_by_the_drain_gets_503_problem_json() -> None:
+    entered = asyncio.Event()
+
+    async def hangs(scope: object, receive: object, send: object) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    layer, client = _exchange(hangs), _Client()
+    call = asyncio.ensure_future(layer(_scope(), client.receive, client.send))  # type: ignore[arg-type]
+    await entered.wait()
+    assert layer.in_flight == 1
+    layer.begin_drain()
+    assert layer.abort_in_flight() == 1
+    await asyncio.wait_for(call, 5)  # ends quietly: no CancelledError for the server to log
+
+    start, end = client.sent
+    assert start["status"] == 503
+    assert client.header(b"content-type") == b"application/problem+json"
+    assert client.header(b"retry-after") == b"1"
+    assert client.header(b"connection") == b"close"
+    body = json.loads(end["body"])  # type: ignore[arg-type]
+    assert body["status"] == 503 and body["type"].endswith("/shutting-down")
+    assert body["request_id"] == client.header(b"x-request-id").decode()  # type: ignore[union-attr]
+    assert layer.in_flight == 0
+
+
+async def test_a_stream_cut_off_by_the_drain_is_ended_where_it_is() -> None:
+    async def streams(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})  # type: ignore[operator]
+        await asyncio.Event().wait()
+
+    layer, client = _exchange(streams), _Client()
+    call = asyncio.ensure_future(layer(_scope(), client.receive, client.send))  # type: ignore[arg-type]
+    await _until(lambda: len(client.sent) == 2)
+    assert layer.abort_in_flight() == 1
+    await asyncio.wait_for(call, 5)
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_during_a_drain_every_response_closes_its_connection() -> None:
+    async def answers(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    layer = _exchange(answers)
+    before = _Client()
+    await layer(_scope("/v2/health/ready"), before.receive, before.send)  # type: ignore[arg-type]
+    layer.begin_drain()
+    during = _Client()
+    await layer(_scope("/v2/health/ready"), during.receive, during.send)  # type: ignore[arg-type]
+    assert before.header(b"connection") is None
+    assert during.header(b"connection") == b"close"
+    assert layer.abort_in_flight() == 0  # nothing left to cut off

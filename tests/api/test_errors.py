@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from modelyard import hookimpl
+from modelyard.core.errors import ModelyardError
 from modelyard.core.plugins import PluginHost
 from modelyard.testing import HangingBackend
 
@@ -203,19 +204,30 @@ async def test_a_task_mismatch_is_400(
     assert body["detail"] == f"model {model!r} serves {served}, not {asked}"
 
 
+STABLE_BACKEND_DETAIL = (
+    "model 'flaky' failed to answer; the server log has the detail under this request id"
+)
+
+
 async def test_a_backend_failure_is_500_and_the_server_keeps_serving(
-    api: Any, problem: Any
+    api: Any, problem: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     for route in ("/v1/chat/completions", "/v2/models/flaky/infer"):
         payload = {"model": "flaky", **CHAT} if route.startswith("/v1") else V2_TEXT
-        body = problem(await api.client.post(route, json=payload), 500)
+        response = await api.client.post(route, json=payload)
+        body = problem(response, 500)
         assert body["title"] == "Backend Error"
-        assert body["detail"] == "backend failed: RuntimeError: failing backend always fails"
+        # A stable text and the request id; the exception's class and message go to the log.
+        assert body["detail"] == STABLE_BACKEND_DETAIL
+        assert body["request_id"] == response.headers["x-request-id"]
+        assert "RuntimeError" not in response.text
+        assert "failing backend always fails" not in response.text
+    assert "failing backend always fails" in caplog.text
 
     stream = await api.client.post(
         "/v1/chat/completions", json={"model": "flaky", **CHAT, "stream": True}
     )
-    problem(stream, 500)
+    assert problem(stream, 500)["detail"] == STABLE_BACKEND_DETAIL
 
     ok = await api.client.post("/v1/chat/completions", json={"model": "echo", **CHAT})
     assert ok.status_code == 200
@@ -234,8 +246,12 @@ async def test_a_request_past_the_timeout_is_504(start_api: Any, problem: Any) -
         ("/v1/chat/completions", {"model": "stuck", **CHAT}),
         ("/v2/models/stuck/infer", V2_TEXT),
     ]:
-        detail = problem(await api.client.post(route, json=body), 504)["detail"]
+        response = await api.client.post(route, json=body)
+        detail = problem(response, 504)["detail"]
         assert detail == "model 'stuck' did not answer within 0.2s"
+        # The version that timed out is named, like the one that answers a success.
+        assert response.headers["x-model-name"] == "stuck"
+        assert response.headers["x-model-version"] == "1"
 
 
 async def _until(condition: Any) -> None:
@@ -297,3 +313,43 @@ async def test_a_model_still_loading_is_503(
         await api.service.wait_until_loaded()
     finally:
         plugin_host.unregister("slow-load")
+
+
+async def test_errors_from_a_chosen_version_name_it(api: Any, problem: Any) -> None:
+    failed = await api.client.post("/v1/chat/completions", json={"model": "flaky", **CHAT})
+    problem(failed, 500)
+    assert failed.headers["x-model-name"] == "flaky"
+    assert failed.headers["x-model-version"] == "1"
+    v2 = await api.client.post("/v2/models/flaky/infer", json=V2_TEXT)
+    assert v2.headers["x-model-version"] == "1"
+    # No version was chosen for an unknown model: nothing to name.
+    unknown = await api.client.post("/v1/chat/completions", json={"model": "nope", **CHAT})
+    problem(unknown, 404)
+    assert "x-model-version" not in unknown.headers
+
+
+async def test_an_unexpected_error_is_a_stable_500_with_the_request_id(
+    start_api: Any, problem: Any, plugin_host: PluginHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Leaky(HangingBackend):
+        name = "leaky"
+
+        async def infer(self, batch: Any) -> Any:
+            raise ModelyardError("could not open /srv/models/secret-path/model.onnx")
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_backends(register: Any) -> None:
+            register(Leaky)
+
+    plugin_host.register(Plugin(), name="leaky")
+    try:
+        api = await start_api(_model("leaky", backend="leaky"))
+        response = await api.client.post("/v1/chat/completions", json={"model": "leaky", **CHAT})
+        body = problem(response, 500)
+        assert "/srv/models" not in response.text
+        assert body["request_id"] == response.headers["x-request-id"]
+        assert "/srv/models/secret-path/model.onnx" in caplog.text
+    finally:
+        plugin_host.unregister("leaky")

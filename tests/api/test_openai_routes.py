@@ -7,8 +7,12 @@ import json
 import struct
 from typing import Any
 
+import httpx
 import pytest
 
+from modelyard.api.app import create_app
+from modelyard.core.plugins import PluginHost
+from modelyard.testing import plugin as fake_plugin
 from modelyard.testing.backends import fake_embedding
 
 
@@ -263,6 +267,16 @@ async def test_classify(api: Any) -> None:
     assert all(len(d["labels"]) == 2 for d in body["data"])
 
 
+@pytest.mark.parametrize("top_k", [-5, 0])
+async def test_classify_top_k_must_be_a_positive_count(
+    api: Any, problem: Any, top_k: int
+) -> None:
+    response = await api.client.post(
+        "/v1/classify", json={"model": "echo-cls", "input": "ab", "top_k": top_k}
+    )
+    assert "top_k" in problem(response, 400)["detail"]
+
+
 # -- streaming -----------------------------------------------------------------------------------
 
 
@@ -345,3 +359,18 @@ async def test_plugins_route_lists_the_fakes(api: Any) -> None:
     assert record["name"] == "testing"
     assert record["status"] == "loaded"
     assert {"echo", "failing", "hanging"} <= set(record["backends"])
+
+
+async def test_plugins_route_shows_an_allow_listed_plugin_that_is_missing(
+    make_settings: Any,
+) -> None:
+    host = PluginHost(allow={"sources", "nosuchplugin"})
+    host.load_entry_points()
+    host.register(fake_plugin, name="testing", source="modelyard.testing")
+    app = create_app(make_settings(), plugins=host)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        records = {r["name"]: r for r in (await client.get("/v1/plugins")).json()["plugins"]}
+    assert records["sources"]["status"] == "loaded"
+    assert records["nosuchplugin"]["status"] == "missing"
+    assert "nosuchplugin" in records["nosuchplugin"]["error"]

@@ -214,6 +214,11 @@ async def test_requested_outputs_are_checked(api: Any, problem: Any) -> None:
     assert "logits" in problem(unknown, 400)["detail"]
 
 
+RAGGED = (
+    "tensor 'INPUT0': nested data is ragged; every row at one depth must have the same length"
+)
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -233,6 +238,10 @@ async def test_requested_outputs_are_checked(api: Any, problem: Any) -> None:
             {"inputs": [{"name": "OTHER", "datatype": "FP32", "shape": [1], "data": [1]}]},
             "input tensor 'INPUT0' is missing",
         ),
+        # Ragged nested data: two elements, like the shape, but no regular shape at all.
+        (_input0([1, 2], [[1, [2]]]), RAGGED),
+        (_input0([2, 2], [[1, 2], [3]]), RAGGED),
+        (_input0([2, 1], [[[1]], [2]]), RAGGED),
     ],
 )
 async def test_wrong_shape_or_datatype_is_400_naming_the_tensor(

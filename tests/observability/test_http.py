@@ -143,6 +143,10 @@ async def test_metrics_endpoint_serves_the_apps_registry(client: Any) -> None:
         in response.text
     openmetrics = await http.get("/metrics", headers={"Accept": "application/openmetrics-text"})
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    # The exposition's own type, once: Litestar must not append a second charset.
+    for answer in (response, openmetrics):
+        assert answer.headers["content-type"].count("charset") == 1
+        assert answer.headers.get_list("content-type") == [answer.headers["content-type"]]
 
 
 def test_json_access_line_shape(caplog: pytest.LogCaptureFixture) -> None:

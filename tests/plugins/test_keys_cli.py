@@ -58,3 +58,10 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
                                     "--rate", "1"]).exit_code == 2
     missing = runner.invoke(keys_cmd, ["--database", db, "revoke", "0123456789abcdef"])
     assert missing.exit_code == 1 and "no key" in missing.stderr
+
+
+def test_a_key_name_with_brackets_is_listed_as_it_is(tmp_path: Path) -> None:
+    """Rich would read "[ops]" as markup and print nothing of it."""
+    db = str(tmp_path / "keys.sqlite3")
+    assert _run("--database", db, "create", "--name", "[ops]", "--role", "user").exit_code == 0
+    assert "[ops]" in _run("--database", db, "list").stdout

@@ -6,14 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.routes import HTTPRoute
 
 from modelyard._version import __version__
 from modelyard.api.admin import AdminController
+from modelyard.api.cors import Cors
 from modelyard.api.exchange import Exchange
 from modelyard.api.observability import MetricsController
 from modelyard.api.openai import OpenAIController
@@ -58,6 +60,16 @@ def _openapi() -> OpenAPIConfig:
     )
 
 
+def _route_keys(app: Litestar, prefix: str) -> list[str]:
+    """``"METHOD /path/{param}"`` of every route mounted under ``prefix``."""
+    return [
+        f"{method} {route.path_format}"
+        for route in app.routes
+        if isinstance(route, HTTPRoute) and route.path_format.startswith(prefix)
+        for method in sorted(route.methods - {"OPTIONS", "HEAD"})
+    ]
+
+
 def create_app(
     settings: Settings,
     *,
@@ -88,8 +100,14 @@ def create_app(
 
     guard.metrics = core.telemetry.metrics
     app_state: dict[str, Any] = {"service": core, "security": guard}
+    extensions = [
+        Router(path=ext.prefix, route_handlers=list(ext.handlers), tags=[f"Plugin: {ext.name}"])
+        for ext in host.api_extensions.values()
+    ]
     app = Litestar(
-        route_handlers=[OpenAIController, V2Controller, AdminController, MetricsController],
+        route_handlers=[
+            OpenAIController, V2Controller, AdminController, MetricsController, *extensions,
+        ],
         dependencies={
             "service": Provide(provide_service, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
@@ -104,11 +122,17 @@ def create_app(
         # Litestar's default config would replace the root handler the CLI set up (JSON lines).
         logging_config=None,
     )
+    for ext in host.api_extensions.values():
+        guard.allow_extension(ext, _route_keys(app, ext.prefix))
     assert_checked(app)
     # One layer around Litestar's whole handler, not in ``middleware``: unrouted requests
     # (404, 405) get a request id, an access line and the body rules too; see exchange.py.
+    # CORS (off unless ``[cors] allow_origins``): preflights are answered in the exchange
+    # layer, before routing and the security check; see api/cors.py.
+    cors = Cors(settings.cors) if settings.cors.enabled else None
     app.asgi_handler = Exchange(
         app.asgi_handler, core.telemetry, body_timeout_s=settings.limits.body_timeout_s,
-        response_hooks=[guard.on_response_start],
+        response_hooks=[guard.on_response_start, *([cors.on_response_start] if cors else [])],
+        preflight=cors.preflight if cors else None,
     )
     return app

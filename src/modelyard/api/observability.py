@@ -100,4 +100,6 @@ class MetricsController(Controller):
     ) -> Response[bytes]:
         """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it)."""
         body, content_type = service.metrics_exposition(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
+        # The exposition's type names its charset already; as ``media_type`` Litestar would
+        # append a second one to any text/* type.
+        return Response(body, headers={"content-type": content_type})

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
+from modelyard.api.problems import client_detail
 from modelyard.api.security import Caller
 from modelyard.api.wire import cache_directive, cache_headers, generation_params, model_headers
 from modelyard.core.errors import BadRequestError, ModelyardError
@@ -34,6 +36,8 @@ from modelyard.core.types import (
 )
 
 __all__ = ["OpenAIController"]
+
+log = logging.getLogger(__name__)
 
 
 # -- wire types (lenient: clients send fields we ignore) -----------------------------------
@@ -93,7 +97,9 @@ class EmbeddingBody(msgspec.Struct, kw_only=True):
 class ClassifyBody(msgspec.Struct, kw_only=True):
     model: str
     input: str | list[str]
-    top_k: int | None = None
+    #: How many labels per input, best first; omitted: all of them. 0 and below are refused
+    #: rather than read as "none" or "all".
+    top_k: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 # -- translation ---------------------------------------------------------------------------
@@ -198,10 +204,14 @@ class _SSE:
         except asyncio.CancelledError:
             raise
         except ModelyardError as exc:
+            message = client_detail(exc.status_code, exc.type_slug, exc.detail)
+            if message != exc.detail:
+                log.error("stream of %s failed: %s", self.model, exc.detail)
             yield self._event(
-                {"error": {"message": exc.detail, "type": exc.type_slug, "code": exc.status_code}}
+                {"error": {"message": message, "type": exc.type_slug, "code": exc.status_code}}
             )
         except Exception:  # noqa: BLE001 - the stream is already 200; report in-band
+            log.exception("stream of %s failed", self.model)
             yield self._event(
                 {
                     "error": {

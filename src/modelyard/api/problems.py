@@ -1,4 +1,15 @@
-"""The one place errors become responses: RFC 9457 problem+json, never a traceback."""
+"""The one place errors become responses: RFC 9457 problem+json, never a traceback.
+
+A client error (4xx) says what to fix. A server failure (500 and the like) gets a stable
+message and the request id: the exception's own text may name a library's class, quote its
+message or hold a file path, so it goes to the log (stamped with the same request id) and
+never into the body. 503 and 504 keep their detail: modelyard writes those itself (queue full,
+breaker open, not ready, timed out) and the client needs it to know when to retry.
+
+An error caused by a model version (the pipeline chose it, then it failed, timed out or
+refused) carries ``X-Model-Name`` and ``X-Model-Version`` like a success does: the request's
+:class:`~modelyard.core.logs.RequestInfo` recorded the version when it was picked.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,15 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from modelyard.core.errors import ModelyardError
+from modelyard.core.logs import current_request
 
-__all__ = ["PROBLEM_JSON", "exception_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_JSON",
+    "client_detail",
+    "exception_handlers",
+    "problem_body",
+    "problem_response",
+]
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://modelyard.dev/problems/"
@@ -23,6 +41,66 @@ _HTTP_TITLES = {
     415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
     500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
+#: Server-side statuses whose detail modelyard writes itself, for the client to act on.
+_OWN_DETAIL = frozenset({503, 504})
+_IN_THE_LOG = "the server log has the detail under this request id"
+_INTERNAL_DETAIL = f"the server hit an unexpected error; {_IN_THE_LOG}"
+
+
+def _detail_is_safe(status: int) -> bool:
+    return status < 500 or status in _OWN_DETAIL
+
+
+def client_detail(status: int, type_slug: str, detail: str) -> str:
+    """What a client may read: ``detail`` for its own errors, a stable text for the server's.
+
+    A backend failure names the model the request was routed to (the request's context
+    recorded it), nothing more.
+    """
+    if _detail_is_safe(status):
+        return detail
+    info = current_request()
+    if type_slug == "backend-error" and info is not None and info.model:
+        return f"model {info.model!r} failed to answer; {_IN_THE_LOG}"
+    return _INTERNAL_DETAIL
+
+
+def problem_body(
+    path: str,
+    *,
+    status: int,
+    title: str,
+    detail: str,
+    type_slug: str,
+    extra: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """The problem+json body for ``path`` and the headers that come with it.
+
+    Used by the exception handlers and by the exchange layer, which answers a few requests
+    (a drain past its grace period) outside any handler.
+    """
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + type_slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": path,
+    }
+    headers: dict[str, str] = {}
+    info = current_request()
+    if info is not None:
+        body["request_id"] = info.request_id
+        if info.model:  # a version was chosen for this request: say which one failed
+            headers["X-Model-Name"] = info.model
+            headers["X-Model-Version"] = info.version
+    if extra:
+        body.update(extra)
+    # Protocol clients read an ``error`` member: tritonclient a string, the openai SDK an object.
+    if path.startswith("/v2"):
+        body["error"] = detail
+    else:
+        body["error"] = {"message": detail, "type": type_slug, "code": status}
+    return msgspec.json.encode(body), headers
 
 
 def problem_response(
@@ -35,34 +113,29 @@ def problem_response(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Response[bytes]:
-    body: dict[str, Any] = {
-        "type": TYPE_BASE + type_slug,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-    }
-    if extra:
-        body.update(extra)
-    # Protocol clients read an ``error`` member: tritonclient a string, the openai SDK an object.
-    if request.url.path.startswith("/v2"):
-        body["error"] = detail
-    else:
-        body["error"] = {"message": detail, "type": type_slug, "code": status}
+    content, model_headers = problem_body(
+        request.url.path, status=status, title=title, detail=detail, type_slug=type_slug,
+        extra=extra,
+    )
     return Response(
-        content=msgspec.json.encode(body),
+        content=content,
         status_code=status,
         media_type=PROBLEM_JSON,
-        headers=headers or {},
+        headers={**model_headers, **(headers or {})},
     )
 
 
 def _modelyard_error(request: Request[Any, Any, Any], exc: ModelyardError) -> Response[bytes]:
-    if exc.status_code >= 500 and exc.status_code not in (503, 504):
-        log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
+    status = exc.status_code
+    if _detail_is_safe(status):
+        detail, extra = exc.detail, exc.extra
+    else:  # the detail may quote a library or a path: the log has it, the client a stable text
+        log.error("%s %s -> %d %s: %s", request.method, request.url.path, status,
+                  exc.type_slug, exc.detail)
+        detail, extra = client_detail(status, exc.type_slug, exc.detail), {}
     return problem_response(
-        request, status=exc.status_code, title=exc.title, detail=exc.detail,
-        type_slug=exc.type_slug, headers=exc.headers, extra=exc.extra,
+        request, status=status, title=exc.title, detail=detail,
+        type_slug=exc.type_slug, headers=exc.headers, extra=extra,
     )
 
 
@@ -99,6 +172,7 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
         detail = "request body exceeds the server's limit"
     if status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, detail)
+        detail = client_detail(status, slug, detail)
     headers = dict(exc.headers or {})
     return problem_response(
         request,
@@ -117,7 +191,7 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
         request,
         status=500,
         title="Internal Server Error",
-        detail="the server hit an unexpected error; it has been logged",
+        detail=_INTERNAL_DETAIL,
         type_slug="internal",
     )
 

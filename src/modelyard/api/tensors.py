@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from modelyard.core.errors import BadRequestError
@@ -21,23 +21,33 @@ _STRUCT = {
 _INTEGER = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 
 
-def flatten(data: Any) -> list[Any]:
-    """Row-major flattening of nested JSON lists (v2 allows both nested and flat data)."""
+def flatten(data: Any, name: str = "") -> list[Any]:
+    """Row-major flattening of nested JSON lists (v2 allows both nested and flat data).
+
+    Nested data must be regular: every list at one depth has the same length and every
+    value sits at the same depth. ``[[1, [2]]]`` has two elements, like shape ``[1, 2]``, but
+    no shape at all; it is refused (400), not read as ``[1, 2]``.
+    """
     if not isinstance(data, list):
         return [data]
     if not data or not isinstance(data[0], list):
-        return data
-    out: list[Any] = []
-    stack: list[Iterable[Any]] = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
-    return out
+        return data  # flat: a nested value in it fails the element type check
+    level: list[Any] = data
+    while level and isinstance(level[0], list):
+        width = len(level[0])
+        if not all(isinstance(row, list) and len(row) == width for row in level):
+            raise _ragged(name)
+        level = [x for row in level for x in row]
+    if any(isinstance(x, list) for x in level):
+        raise _ragged(name)
+    return level
+
+
+def _ragged(name: str) -> BadRequestError:
+    return BadRequestError(
+        f"tensor {name!r}: nested data is ragged; every row at one depth must have the same "
+        "length"
+    )
 
 
 def element_count(shape: Sequence[int]) -> int:

@@ -139,7 +139,9 @@ def _tensors(body: V2InferBody, binary: bytes) -> list[Tensor]:
         else:
             if item.data is None:
                 raise BadRequestError(f"tensor {item.name!r} has no data")
-            data = validate_tensor(item.name, item.datatype, item.shape, flatten(item.data))
+            data = validate_tensor(
+                item.name, item.datatype, item.shape, flatten(item.data, item.name)
+            )
         tensors.append(Tensor(item.name, item.datatype, tuple(item.shape), data))
     if offset != len(binary):
         raise BadRequestError("binary data left over after the last input")

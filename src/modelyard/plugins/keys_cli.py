@@ -12,6 +12,7 @@ import click
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from modelyard.core.audit import AuditLog
 from modelyard.core.auth_settings import ROLES, AuthSettings
@@ -146,8 +147,10 @@ def list_cmd(obj: _Context, as_json: bool) -> None:
     for column in ("id", "name", "roles", "models", "tenant", "status", "created", "expires"):
         table.add_column(column, no_wrap=column == "id")  # an id must stay copyable
     for r in records:
-        table.add_row(r.id, r.name, ",".join(r.roles), _models(r), r.tenant, r.status(now),
-                      _when(r.created_at), _when(r.expires_at))
+        cells = (r.id, r.name, ",".join(r.roles), _models(r), r.tenant, r.status(now),
+                 _when(r.created_at), _when(r.expires_at))
+        # Text cells: a name such as "[ops]" is printed as it is, never read as rich markup.
+        table.add_row(*(Text(cell) for cell in cells))
     Console().print(table)
 
 

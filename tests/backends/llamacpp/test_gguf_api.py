@@ -161,8 +161,8 @@ def test_a_template_reaching_for_python_internals_is_refused(
         json={"model": "evil", "messages": [{"role": "user", "content": "hi"}]}, timeout=30,
     )
     assert response.status_code == 500
-    detail = response.json()["detail"]
-    assert "refused by the sandbox" in detail and "<class" not in detail
+    detail = response.json()["detail"]  # a 5xx: a stable text, the sandbox's words in the log
+    assert detail.startswith("model 'evil' failed to answer") and "<class" not in detail
     assert client.completions.create(model="evil", prompt="hi", max_tokens=3).choices[0].text
 
 

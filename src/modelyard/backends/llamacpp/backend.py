@@ -16,6 +16,7 @@ from modelyard.backends.llamacpp.templates import (
     ChatTemplate,
     TemplateInputError,
     TemplateLimitError,
+    TemplateOverrunError,
     TemplateRefusedError,
 )
 from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext
@@ -225,6 +226,10 @@ class GGUFBackend(Backend):
             text = self._template.render(messages)
         except TemplateInputError as exc:
             raise BadRequestError(f"the chat template rejected the messages: {exc}") from None
+        except TemplateOverrunError as exc:
+            # The model file's template, not the conversation: a server-side failure that the
+            # breaker counts and failover routes around (templates.py says who is to blame).
+            raise BackendError(f"{self._template_origin}: {exc}") from None
         except TemplateLimitError as exc:
             raise BadRequestError(str(exc)) from None
         except TemplateRefusedError as exc:

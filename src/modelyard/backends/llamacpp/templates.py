@@ -7,6 +7,14 @@ model download. Templates here render in Jinja2's ``ImmutableSandboxedEnvironmen
 ``joiner`` and ``lipsum`` globals, and under a budget: every loop iteration, call, attribute
 access, concatenation and filter checks a deadline, and text that grows past ``max_chars`` is
 refused before it is built where the size is known in advance (``*``, ``**``, ``range``).
+
+Who is to blame decides the status. A conversation too large for the budget is the client's
+(``TemplateInputError``, 400): the messages may fill half of ``max_chars``, counting
+``_MESSAGE_ALLOWANCE`` characters per message for the template's own markup. A template that
+outgrows the budget on a conversation within that is the model file's
+(``TemplateOverrunError``, a 5xx the circuit breaker counts and failover routes around), and
+a client cannot cause one to take a healthy model out of service. Running out of time stays
+the client's (``TemplateLimitError``): render time grows with the conversation and the CPU.
 """
 
 from __future__ import annotations
@@ -35,12 +43,15 @@ __all__ = [
     "ChatTemplate",
     "TemplateInputError",
     "TemplateLimitError",
+    "TemplateOverrunError",
     "TemplateRefusedError",
 ]
 
 _ITER_CHECK_EVERY = 64
 _DIGITS = re.compile(r"\d{4,}")
 _MAX_EXPONENT_BITS = 4096
+#: Characters of markup a template may add per message (role tags, separators).
+_MESSAGE_ALLOWANCE = 64
 
 
 class TemplateInputError(TemplateError):
@@ -49,6 +60,11 @@ class TemplateInputError(TemplateError):
 
 class TemplateLimitError(TemplateError):
     """Rendering ran past its time or size budget."""
+
+
+class TemplateOverrunError(TemplateLimitError):
+    """The template built (or was about to build) text, a range or a number past the size
+    budget from a conversation that fits it: the model file's fault, not the client's."""
 
 
 class TemplateRefusedError(TemplateError):
@@ -67,7 +83,7 @@ class _Budget:
 
     def size(self, n: int, what: str = "text") -> None:
         if n > self.max_chars:
-            raise TemplateLimitError(
+            raise TemplateOverrunError(
                 f"chat template {what} would exceed {self.max_chars} characters"
             )
 
@@ -137,7 +153,7 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             operator == "**" and isinstance(left, int) and isinstance(right, int)
             and right > 0 and right * abs(left).bit_length() > _MAX_EXPONENT_BITS
         ):
-            raise TemplateLimitError("chat template computes a number too large")
+            raise TemplateOverrunError("chat template computes a number too large")
         result = super().call_binop(context, operator, left, right)
         if operator == "+" and isinstance(result, str | list | tuple):
             budget.size(len(result))
@@ -273,6 +289,7 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """The prompt text; raises a ``TemplateError`` subclass saying why it could not."""
+        self._check_input(messages)
         variables = {
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "add_generation_prompt": add_generation_prompt,
@@ -288,10 +305,21 @@ class ChatTemplate:
                 raise TemplateRefusedError(f"chat template refused by the sandbox: {exc}") from None
             except TemplateError:
                 raise
-            except (RecursionError, MemoryError) as exc:
-                raise TemplateLimitError(f"chat template exhausted {type(exc).__name__}") from None
+            except RecursionError:
+                raise TemplateOverrunError("chat template recursed too deep") from None
+            except MemoryError:
+                raise TemplateLimitError("chat template ran out of memory") from None
             except Exception as exc:  # noqa: BLE001 - a model's template may fail any way it likes
                 raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def _check_input(self, messages: Sequence[ChatMessage]) -> None:
+        """Refuse a conversation too large for the budget before the template sees it."""
+        size = sum(len(m.role) + len(m.content) + _MESSAGE_ALLOWANCE for m in messages)
+        if size > self.max_chars // 2:
+            raise TemplateInputError(
+                f"the conversation is too long for this model's chat template ({len(messages)} "
+                f"message(s) count as {size} characters; at most {self.max_chars // 2})"
+            )
 
     def _generate(self, variables: dict[str, Any], budget: _Budget) -> str:
         parts: list[str] = []
