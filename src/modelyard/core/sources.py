@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from modelyard.core.errors import ModelLoadError
+from modelyard.core.integrity import check_pin, split_pin
 
 __all__ = ["Progress", "SourceResolver", "SourceScheme"]
 
@@ -21,6 +22,9 @@ class SourceScheme:
     """
 
     name: ClassVar[str] = ""
+    #: True when ``resolve`` checks a ``#sha256=HEX`` pin at the end of its reference itself;
+    #: otherwise the resolver strips the pin and hashes the path ``resolve`` returns.
+    verifies_pins: ClassVar[bool] = False
 
     def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
         """Return an existing local path for ``reference`` (the text after ``name:``). Override.
@@ -42,12 +46,19 @@ class SourceResolver:
         return sorted(self._schemes)
 
     def __call__(self, source: str, cache_dir: Path, progress: Progress) -> Path:
+        """The local path of ``source``; a ``#sha256=HEX`` pin on it must match its content."""
+        pinned = source
+        source, pin = split_pin(source)
         scheme, sep, rest = source.partition(":")
         # One letter is a Windows drive ("C:\\models"), never a scheme.
         if sep and len(scheme) > 1:
             found = self._schemes.get(scheme)
             if found is not None:
-                return found().resolve(rest, cache_dir=cache_dir, progress=progress)
+                if found.verifies_pins:
+                    reference = pinned.partition(":")[2]
+                    return found().resolve(reference, cache_dir=cache_dir, progress=progress)
+                path = found().resolve(rest, cache_dir=cache_dir, progress=progress)
+                return check_pin(path, pin, pinned)
             if scheme == "file":
                 source = rest
             elif not Path(source).exists():
@@ -58,4 +69,4 @@ class SourceResolver:
         path = Path(source).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model source {source!r} does not exist")
-        return path.resolve()
+        return check_pin(path.resolve(), pin, pinned)
