@@ -1,6 +1,13 @@
-"""Fakes and helpers that modelyard's own tests and third-party plugin authors reuse."""
+"""Fakes and helpers that modelyard's own tests and third-party plugin authors reuse.
+
+The conformance kit (``BackendConformance`` and friends) loads on first use: it needs pytest,
+which a server that only serves the fakes does not.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from modelyard.testing.backends import (
     CountingBackend,
@@ -13,7 +20,20 @@ from modelyard.testing.backends import (
 from modelyard.testing.clock import FakeClock
 from modelyard.testing.server import LiveServer, run_live_server
 
+if TYPE_CHECKING:
+    from modelyard.testing.conformance import (
+        AuthProviderConformance,
+        BackendConformance,
+        CacheTierConformance,
+        ConformanceError,
+        SourceSchemeConformance,
+    )
+
 __all__ = [
+    "AuthProviderConformance",
+    "BackendConformance",
+    "CacheTierConformance",
+    "ConformanceError",
     "CountingBackend",
     "EchoBackend",
     "EchoOptions",
@@ -22,5 +42,22 @@ __all__ = [
     "HangingBackend",
     "LiveServer",
     "SlowBackend",
+    "SourceSchemeConformance",
     "run_live_server",
 ]
+
+_CONFORMANCE = frozenset(
+    {
+        "AuthProviderConformance",
+        "BackendConformance",
+        "CacheTierConformance",
+        "ConformanceError",
+        "SourceSchemeConformance",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONFORMANCE:
+        return getattr(importlib.import_module("modelyard.testing.conformance"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
