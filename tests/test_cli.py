@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -91,6 +92,28 @@ def test_plugins_table() -> None:
     assert "source:pypi" in rows["sources"] and "source:demo" in rows["sources"]
 
 
+@pytest.mark.usefixtures("tiny_plugins")
+def test_plugins_reports_an_allow_listed_name_that_is_not_installed() -> None:
+    records = {r["name"]: r for r in json.loads(run("plugins", "--json",
+                                                     **{ALLOW_ENV: "tiny,tinny"}).stdout)}
+    assert records["tiny"]["status"] == "loaded"
+    assert records["tinny"]["status"] == "missing"
+    assert "'tinny'" in records["tinny"]["error"]
+    table = run("plugins", **{ALLOW_ENV: "tiny,tinny"})
+    row = next(line for line in table.stdout.splitlines() if "│ tinny " in line)
+    assert "missing" in row
+
+
+def test_plugins_table_prints_errors_with_brackets_whole(install_plugin: Any) -> None:
+    install_plugin("modelyard-bracketed", modules={"bracketedplug": """
+        raise ImportError("needs the [gpu] extra: pip install 'modelyard[gpu]'")
+    """}, entry_points={"bracketed": "bracketedplug"})
+    result = run("plugins")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "needs the [gpu] extra: pip install 'modelyard[gpu]'" in text
+
+
 # -- models -----------------------------------------------------------------------------------
 
 
@@ -120,9 +143,10 @@ source = "."
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("│")]
     assert "┃ model ┃ version ┃ backend ┃ task" in result.stdout
-    assert ["m", "1", "echo", "chat", "", "."] in rows
-    assert ["m", "2", "echo", "chat", "yes", "."] in rows
-    assert ["auto", "1", "echo", "(detect)", "yes", "."] in rows
+    here = str(tmp_path)  # "." is the config file's directory, not the working directory
+    assert ["m", "1", "echo", "chat", "", here] in rows
+    assert ["m", "2", "echo", "chat", "yes", here] in rows
+    assert ["auto", "1", "echo", "(detect)", "yes", here] in rows
 
 
 def test_models_reads_modelyard_config_from_the_environment() -> None:
@@ -233,3 +257,16 @@ def test_unknown_command_exits_2() -> None:
     result = run("serv")
     assert result.exit_code == 2
     assert "No such command" in result.stderr
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def test_serve_refusing_to_bind_without_auth_prints_the_config_it_asks_for() -> None:
+    result = run("serve", "--config", str(EXAMPLE), "--host", "0.0.0.0")
+    assert result.exit_code == 1
+    # Rich markup would eat "[[auth.providers]]" and "[auth]": the message must arrive whole.
+    message = " ".join(result.stderr.split())
+    assert "configure [[auth.providers]], bind 127.0.0.1, or set [auth] " \
+        "allow_unauthenticated_non_loopback = true" in message
+    assert message.startswith("error: $.server.host: refusing to serve '0.0.0.0'")

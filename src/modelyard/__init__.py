@@ -25,6 +25,7 @@ from modelyard.core.errors import (
     ModelyardError,
     UnauthorizedError,
 )
+from modelyard.core.extensions import ApiExtension
 from modelyard.core.hookspecs import hookimpl
 from modelyard.core.pipeline import Answer, StreamAnswer
 from modelyard.core.plugins import PluginHost, PluginRecord, PluginUnavailable
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Answer",
+    "ApiExtension",
     "AuthProvider",
     "Backend",
     "BackendError",

@@ -10,8 +10,10 @@ from typing import Any
 import click
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from modelyard._version import __version__
 from modelyard.core.errors import ConfigError, ModelyardError
@@ -19,11 +21,20 @@ from modelyard.core.plugins import PluginHost
 from modelyard.core.settings import Settings, cache_dir_of, load_settings, resolve_models
 from modelyard.core.sources import SourceResolver
 from modelyard.plugins.keys_cli import keys_cmd
+from modelyard.plugins.store.commands import lock_cmd, pull_cmd, store_model_commands
+from modelyard.plugins.store.lock import serve_resolver
 
 __all__ = ["main"]
 
+# Messages, names and paths are printed as text, never as rich markup: a message such as
+# "configure [[auth.providers]]" would otherwise lose its brackets (rich reads them as tags).
 console = Console(stderr=True)
 out = Console()
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells printed as they are (a plain str cell would be read as markup)."""
+    return [Text(str(v)) for v in values]
 
 
 def _plugins() -> PluginHost:
@@ -37,13 +48,13 @@ def _settings(config: str | None, host: PluginHost) -> tuple[Settings, bool]:
     path = config or os.environ.get("MODELYARD_CONFIG")
     if path:
         settings = _load_config(path, host)
-        resolve_models(settings, host.backends)
+        resolve_models(settings, host.backends, unavailable=host.unavailable())
         return settings, False
     from modelyard.demo import demo_settings
 
     settings, skipped = demo_settings(set(host.backends))
     for line in skipped:
-        console.print(f"[yellow]demo: skipping {line}[/yellow]")
+        console.print(Text(f"demo: skipping {line}", style="yellow"))
     return settings, True
 
 
@@ -57,7 +68,7 @@ def _load_config(path: str, host: PluginHost) -> Settings:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     sys.exit(1)
 
 
@@ -90,6 +101,8 @@ def cli() -> None:
     help="Export traces over OTLP/HTTP, e.g. http://localhost:4318/v1/traces "
     "(needs modelyard[otel]).",
 )
+@click.option("--locked", is_flag=True, help="Load only what modelyard.lock beside CONFIG lists.")
+@click.option("--offline", is_flag=True, help="Never touch the network (sets HF_HUB_OFFLINE=1).")
 def serve(
     config: str | None,
     host: str | None,
@@ -97,6 +110,8 @@ def serve(
     log_level: str | None,
     log_format: str | None,
     otlp_endpoint: str | None,
+    locked: bool,
+    offline: bool,
 ) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
     from modelyard.api.app import create_app
@@ -124,6 +139,13 @@ def serve(
         check_bind(settings.auth, server.host)
     except ModelyardError as exc:
         _fail(exc.detail)
+    try:  # --offline holds from here on; --locked refuses a model modelyard.lock lacks
+        source_resolver = serve_resolver(
+            config or os.environ.get("MODELYARD_CONFIG"), settings, plugins.source_schemes,
+            locked=locked, offline=offline,
+        )
+    except ModelyardError as exc:
+        _fail(exc.detail)
     configure_logging(server.log_level, server.log_format)
     try:  # the app's lifespan flushes an OTLP provider at shutdown (SIGTERM included)
         tracing = Tracing(otlp_provider(otlp_endpoint), owned=True) if otlp_endpoint else Tracing()
@@ -132,12 +154,17 @@ def serve(
     if is_demo:
         prepare_demo_models(settings, plugins)
     telemetry = Telemetry(tracing=tracing, log_prompts=server.log_prompts)
-    service = InferenceService(settings, plugins, telemetry=telemetry)
+    service = InferenceService(
+        settings, plugins, telemetry=telemetry, source_resolver=source_resolver
+    )
     try:
         app = create_app(settings, plugins=plugins, service=service)
     except ModelyardError as exc:  # an unknown auth provider, a JWT key file missing, ...
         _fail(exc.detail)
-    console.print(f"modelyard {__version__} on http://{server.host}:{server.port}", highlight=False)
+    console.print(
+        f"modelyard {__version__} on http://{server.host}:{server.port}",
+        highlight=False, markup=False,
+    )
     run_server(app, service, server)
 
 
@@ -153,19 +180,22 @@ def prepare_demo_models(settings: Settings, host: PluginHost) -> None:
     )
     with Progress(*columns, console=console, transient=False) as bar:
         for model in settings.models:
-            task = bar.add_task(f"{model.name}: checking", total=100)
+            task = bar.add_task(f"{escape(model.name)}: checking", total=100)
 
             def report(
                 phase: str, percent: float, task: Any = task, name: str = model.name
             ) -> None:
-                bar.update(task, description=f"{name}: {phase}", completed=percent)
+                bar.update(task, description=f"{escape(name)}: {escape(phase)}",
+                           completed=percent)
 
             try:
                 resolve_source(model.source, cache_dir, report)
             except ModelyardError as exc:
-                bar.update(task, description=f"{model.name}: [red]{exc.detail}[/red]")
+                bar.update(
+                    task, description=f"{escape(model.name)}: [red]{escape(exc.detail)}[/red]"
+                )
                 continue
-            bar.update(task, description=f"{model.name}: ready", completed=100)
+            bar.update(task, description=f"{escape(model.name)}: ready", completed=100)
 
 
 @cli.command("plugins")
@@ -184,7 +214,8 @@ def plugins_cmd(as_json: bool) -> None:
             + [f"cache:{c}" for c in r.cache_tiers]
             + [f"source:{s}" for s in r.source_schemes]
         )
-        table.add_row(r.name, r.status, f"{r.source} {r.version}".strip(), provides, r.error)
+        table.add_row(*_cells(r.name, r.status, f"{r.source} {r.version}".strip(), provides,
+                              r.error))
     out.print(table)
 
 
@@ -210,7 +241,7 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
             details = v.get("error") or ", ".join(
                 f"{k}={val}" for k, val in v["parameters"].items()
             )
-            table.add_row(
+            table.add_row(*_cells(
                 v["name"],
                 v["version"],
                 v["backend"],
@@ -218,25 +249,25 @@ def models_cmd(ctx: click.Context, config: str | None, url: str | None) -> None:
                 v["state"] or "",
                 f"{v['progress']:.0f}%",
                 details,
-            )
+            ))
         out.print(table)
         return
     host = _plugins()
     try:
         settings, _ = _settings(config, host)
-        specs = resolve_models(settings, host.backends)
+        specs = resolve_models(settings, host.backends, unavailable=host.unavailable())
     except ModelyardError as exc:
         _fail(exc.detail)
     table = Table("model", "version", "backend", "task", "active", "source")
     for s in specs:
-        table.add_row(
+        table.add_row(*_cells(
             s.name,
             s.version,
             s.backend.name,
             s.task.value if s.task else "(detect)",
             "yes" if s.active else "",
             s.source,
-        )
+        ))
     out.print(table)
 
 
@@ -258,7 +289,7 @@ def export_cmd(src_dir: Path, task: str, out_dir: Path, quantize: str | None) ->
     except ImportError as exc:
         _fail(f"export needs the 'export' extra (pip install 'modelyard[export]'): {exc}")
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
@@ -276,7 +307,10 @@ def export_cmd(src_dir: Path, task: str, out_dir: Path, quantize: str | None) ->
         except ModelyardError as exc:
             _fail(exc.detail)
         bar.update(job, completed=100, description="done")
-    out.print(f"exported to {out_dir} (max abs diff vs. source: {report.max_abs_diff:.3e})")
+    out.print(
+        f"exported to {out_dir} (max abs diff vs. source: {report.max_abs_diff:.3e})",
+        markup=False,
+    )
 
 
 @cli.group("config")
@@ -291,7 +325,7 @@ def config_check(file: str) -> None:
     host = _plugins()
     try:
         settings = _load_config(file, host)
-        specs = resolve_models(settings, host.backends)
+        specs = resolve_models(settings, host.backends, unavailable=host.unavailable())
     except ConfigError as exc:
         click.echo(f"{file}: {exc.detail}", err=True)
         sys.exit(1)
@@ -312,6 +346,10 @@ def demo_prepare() -> None:
 
 
 cli.add_command(keys_cmd)
+cli.add_command(pull_cmd)
+cli.add_command(lock_cmd)
+for _store_cmd in store_model_commands:  # models ls / rm NAME / verify [NAME]
+    models_cmd.add_command(_store_cmd)
 
 
 def main() -> None:

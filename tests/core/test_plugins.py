@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from modelyard import Backend, PluginUnavailable, Task, hookimpl
+from modelyard.core.errors import ConfigError
 from modelyard.core.plugins import ALLOW_ENV, PluginHost, PluginRecord
+from modelyard.core.settings import decode_settings, resolve_models
 
 
 def _record(host: PluginHost, name: str) -> PluginRecord:
@@ -113,6 +115,24 @@ def test_allow_list_env_restricts_which_entry_points_load(
     assert ALLOW_ENV in broken.error
     assert "tinybroken" not in sys.modules  # never imported
     assert _record(host, "onnx").status == "skipped"
+
+
+def test_an_allow_listed_name_that_is_not_installed_is_reported(
+    tiny_plugins: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(ALLOW_ENV, "tiny,tinny")  # a typo: the server must not be silent
+    host = PluginHost()
+    host.load_entry_points()
+
+    assert _record(host, "tiny").status == "loaded"
+    missing = _record(host, "tinny")
+    assert missing.status == "missing"
+    assert ALLOW_ENV in missing.error and "'tinny'" in missing.error
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("tinny" in r.getMessage() for r in warnings)
+    # Registering a plugin of that name later (the fakes join this way) replaces the record.
+    host.register(object(), name="tinny")
+    assert _record(host, "tinny").status == "loaded"
 
 
 def test_explicit_allow_overrides_env(tiny_plugins: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,3 +253,16 @@ def test_a_raising_lifecycle_observer_does_not_break_the_host(
 
 def test_plugin_unavailable_is_public_api() -> None:
     assert issubclass(PluginUnavailable, Exception)
+
+
+def test_a_model_whose_plugin_failed_names_the_plugin_and_its_error(tiny_plugins: None) -> None:
+    host = PluginHost()
+    host.load_entry_points()
+    settings = decode_settings(
+        {"models": [{"name": "m", "backend": "tinybroken", "source": "."}]}, env={}
+    )
+    with pytest.raises(ConfigError) as caught:
+        resolve_models(settings, host.backends, unavailable=host.unavailable())
+    detail = caught.value.detail
+    assert "unknown backend 'tinybroken'" in detail
+    assert "broken (failed: import failed: ImportError: tinybroken needs libfoo.so)" in detail

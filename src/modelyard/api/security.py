@@ -35,6 +35,7 @@ from modelyard.core.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
+from modelyard.core.extensions import ApiExtension
 from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
 from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, RateLimiter
@@ -243,6 +244,23 @@ class Security:
         )
         #: Set by create_app so refusals show in /metrics (auth failures, rate limiting).
         self.metrics: Metrics | None = None
+        #: Policies of plugin routes under /ext/ (see ``allow_extension``).
+        self._extension_policies: dict[str, Policy] = {}
+
+    def allow_extension(self, extension: ApiExtension, templates: Iterable[str]) -> None:
+        """Give each route of a plugin's extension its policy (``admin`` unless it names one).
+
+        ``templates`` are the mounted routes as ``"METHOD /ext/name/path"``.
+        """
+        for key in templates:
+            method, _, path = key.partition(" ")
+            relative = path.removeprefix(extension.prefix) or "/"
+            named = extension.permissions.get(f"{method} {relative}", "admin")
+            scoped = extension.model_scoped and "{name}" in path
+            action = f"ext.{extension.name}" if method != "GET" else ""
+            self._extension_policies[key] = Policy(
+                Permission(named), "path" if scoped else None, action
+            )
 
     @classmethod
     def from_settings(
@@ -293,7 +311,9 @@ class Security:
         scope = connection.scope
         method = str(scope.get("method", ""))
         template = str(scope.get("path_template", ""))
-        policy = policy_for(method, template)
+        policy = policy_for(method, template) or self._extension_policies.get(
+            f"{method} {template}"
+        )
         if policy is None:
             log.error("no access policy for %s %s: refused", method, template)
             raise ForbiddenError("no access policy covers this route")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from modelyard.core.cache_settings import CacheSettings
     from modelyard.core.cache_tier import CacheTier
     from modelyard.core.context import ServerContext
+    from modelyard.core.extensions import ApiExtension
     from modelyard.core.registry import VersionState
     from modelyard.core.response_cache import ResponseCache
     from modelyard.core.sources import SourceScheme
@@ -44,6 +45,11 @@ def register_cache_tiers(register: Callable[[type[CacheTier]], None]) -> None:
 @hookspec
 def register_source_schemes(register: Callable[[type[SourceScheme]], None]) -> None:
     """Register SourceScheme subclasses (``s3:``, ``hf:``, ...) by calling ``register(cls)``."""
+
+
+@hookspec
+def register_api_routes(register: Callable[[ApiExtension], None]) -> None:
+    """Add HTTP routes under ``/ext/{name}`` by calling ``register(ApiExtension(...))``."""
 
 
 @hookspec(firstresult=True)

@@ -18,6 +18,7 @@ from modelyard.core import hookspecs
 from modelyard.core.auth import AuthProvider
 from modelyard.core.backend import Backend
 from modelyard.core.cache_tier import CacheTier
+from modelyard.core.extensions import ApiExtension
 from modelyard.core.sources import SourceScheme
 
 if TYPE_CHECKING:
@@ -46,12 +47,13 @@ class PluginRecord(msgspec.Struct):
 
     name: str
     source: str
-    status: str  # "loaded" | "failed" | "skipped"
+    status: str  # "loaded" | "failed" | "skipped" | "missing"
     version: str = ""
     backends: list[str] = msgspec.field(default_factory=list)
     auth_providers: list[str] = msgspec.field(default_factory=list)
     cache_tiers: list[str] = msgspec.field(default_factory=list)
     source_schemes: list[str] = msgspec.field(default_factory=list)
+    api_extensions: list[str] = msgspec.field(default_factory=list)
     error: str = ""
 
 
@@ -68,13 +70,15 @@ class PluginHost:
         self.auth_providers: dict[str, type[AuthProvider]] = {}
         self.cache_tiers: dict[str, type[CacheTier]] = {}
         self.source_schemes: dict[str, type[SourceScheme]] = {}
+        self.api_extensions: dict[str, ApiExtension] = {}
 
     # -- loading -------------------------------------------------------------------------
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Import and register every entry point of ``group``; failures are recorded, not raised."""
         for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
-            if ep.name in self._records:
+            known = self._records.get(ep.name)
+            if known is not None and known.status != "missing":
                 continue
             dist = ep.dist.name if ep.dist is not None else ""
             version = ep.dist.version if ep.dist is not None else ""
@@ -89,7 +93,19 @@ class PluginHost:
                 self._fail(ep.name, dist, version, "import failed", exc)
                 continue
             self.register(plugin, name=ep.name, source=dist, version=version)
+        self._report_missing(group)
         self._check_pending()
+
+    def _report_missing(self, group: str) -> None:
+        """A name in the allow-list that no installed plugin has: a typo, or a package that
+        is not installed. Say so, rather than serve without it in silence."""
+        for name in sorted((self._allow or set()) - set(self._records)):
+            error = (
+                f"listed in {ALLOW_ENV} but no installed plugin is called {name!r} "
+                f"(entry points of group {group!r})"
+            )
+            log.warning("plugin %r: %s", name, error)
+            self._records[name] = PluginRecord(name, "", "missing", error=error)
 
     def register(
         self, plugin: ModuleType | object, *, name: str, source: str = "", version: str = ""
@@ -131,6 +147,8 @@ class PluginHost:
                 self.cache_tiers.pop(key, None)
             for key in record.source_schemes:
                 self.source_schemes.pop(key, None)
+            for key in record.api_extensions:
+                self.api_extensions.pop(key, None)
 
     def _collect(self, name: str, record: PluginRecord) -> None:
         plugin = self._pm.get_plugin(name)
@@ -152,6 +170,24 @@ class PluginHost:
             self.source_schemes,
             record.source_schemes,
         )
+        self._collect_extensions(plugin, record)
+
+    def _collect_extensions(self, plugin: object, record: PluginRecord) -> None:
+        impl = getattr(plugin, "register_api_routes", None)
+        if impl is None or not callable(impl):
+            return
+        found: dict[str, ApiExtension] = {}
+
+        def register(extension: ApiExtension) -> None:
+            if not isinstance(extension, ApiExtension):
+                raise TypeError(f"register_api_routes: {extension!r} is not an ApiExtension")
+            if extension.name in self.api_extensions or extension.name in found:
+                raise ValueError(f"register_api_routes: /ext/{extension.name} registered twice")
+            found[extension.name] = extension
+
+        impl(register=register)
+        self.api_extensions.update(found)
+        record.api_extensions.extend(found)
 
     def _call_one(
         self,
@@ -196,6 +232,14 @@ class PluginHost:
         self._records[name] = PluginRecord(name, source or name, "failed", version, error=text)
 
     # -- queries -------------------------------------------------------------------------
+
+    def unavailable(self) -> dict[str, str]:
+        """Plugins that failed, were skipped or are missing, with why: a model that needed
+        one of them names it in its error."""
+        return {
+            r.name: f"{r.status}: {r.error}" if r.error else r.status
+            for r in self.records if r.status != "loaded"
+        }
 
     @property
     def records(self) -> list[PluginRecord]:
