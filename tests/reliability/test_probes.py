@@ -17,7 +17,7 @@ from modelyard import hookimpl
 from modelyard.api.app import create_app
 from modelyard.core.backend import Backend, BackendInfo
 from modelyard.core.breaker import CircuitState
-from modelyard.core.errors import ConfigError, ServiceUnavailableError
+from modelyard.core.errors import ConfigError, QueueFullError, ServiceUnavailableError
 from modelyard.core.plugins import PluginHost
 from modelyard.core.probes import ProbeExpect, ProbeSettings, build_probe, check_answer
 from modelyard.core.service import InferenceService
@@ -155,8 +155,11 @@ class DyingBackend(EchoBackend):
 
     name = "dying"
     dead = False
+    busy = False
 
     async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        if DyingBackend.busy:  # turned away as a full engine would (llama.cpp's slots)
+            raise QueueFullError("all slots busy")
         if DyingBackend.dead:
             self.calls.append(len(batch))
             raise RuntimeError("the accelerator fell off the bus")
@@ -203,7 +206,7 @@ async def probed(
     plugin_host: PluginHost, make_settings: Callable[..., Settings], fake_clock: FakeClock
 ) -> AsyncIterator[Callable[..., Any]]:
     plugin_host.register(_Plugin(), name="dying")
-    DyingBackend.dead = False
+    DyingBackend.dead = DyingBackend.busy = False
     services: list[InferenceService] = []
 
     async def start(server: dict[str, Any], **model: Any) -> tuple[InferenceService, StepSleeper]:
@@ -261,6 +264,20 @@ async def test_periodic_probes_notice_a_dead_version_without_user_traffic(
     # While open the version is left alone.
     await sleeper.round()
     assert len(backend.calls) == calls
+
+
+async def test_a_probe_turned_away_by_a_busy_version_is_not_a_failure(
+    probed: Callable[..., Any],
+) -> None:
+    service, sleeper = await probed({"probe_interval_s": 10})
+    version = service.registry.entry("m").versions["1"]
+    await _first_probe(service, sleeper)
+    DyingBackend.busy = True
+    for _ in range(3):  # three refusals: enough to open a breaker of window two
+        await sleeper.round()
+    assert version.breaker.state == CircuitState.CLOSED
+    assert version.breaker.snapshot()["failed_calls"] == 0
+    assert version.health is not None and version.health.ok  # the last real answer stands
 
 
 async def test_half_open_probes_close_the_breaker_of_a_version_that_recovered(
@@ -335,7 +352,7 @@ async def test_a_canary_whose_probes_open_its_breaker_is_rolled_back(
     plugin_host: PluginHost, make_settings: Callable[..., Settings], fake_clock: FakeClock
 ) -> None:
     plugin_host.register(_Plugin(), name="dying")
-    DyingBackend.dead = False
+    DyingBackend.dead = DyingBackend.busy = False
     sleeper = StepSleeper(fake_clock)
     settings = make_settings(server={"probe_interval_s": 10}, models=[
         {"name": "m", "backend": "echo", "source": ".", "task": "chat", "breaker": BREAKER},

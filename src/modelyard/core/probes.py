@@ -136,6 +136,8 @@ class ProbeOutcome(Struct, frozen=True, kw_only=True):
     ok: bool
     detail: str
     dimensions: int | None = None
+    #: Turned away before the backend was asked (a full queue): says nothing of its health.
+    refused: bool = False
 
 
 def build_probe(task: Task, settings: ProbeSettings, info: BackendInfo) -> InferenceRequest:
@@ -234,7 +236,7 @@ async def run_probe(version: ModelVersion, *, timeout_s: float) -> ProbeOutcome:
     except TimeoutError:
         return ProbeOutcome(ok=False, detail=f"no answer within {timeout_s:g}s")
     except ModelyardError as exc:  # its detail is written for clients
-        return ProbeOutcome(ok=False, detail=exc.detail)
+        return ProbeOutcome(ok=False, detail=exc.detail, refused=not exc.counts_as_failure)
     except Exception:  # a runtime's own text may hold paths: it goes to the log only
         log.exception("probe of %s:%s raised", version.name, version.version)
         return ProbeOutcome(
@@ -344,6 +346,9 @@ class HealthProber:
             return
         permit = breaker.acquire()
         outcome = await run_probe(version, timeout_s=self._timeout_of(version))
+        if outcome.refused:  # a busy version is not a sick one: try again next interval
+            permit.release()
+            return
         # Our own well-formed request: any error, 4xx included, says the version is unwell.
         if outcome.ok:
             permit.success()
