@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from modelyard.core.batch_timing import BatchRun, BatchTiming
 from modelyard.core.errors import (
     BackendError,
     ModelyardError,
@@ -16,17 +17,9 @@ from modelyard.core.errors import (
     ServiceUnavailableError,
 )
 from modelyard.core.logs import current_request
-from modelyard.core.types import (
-    ClassificationRequest,
-    ClassificationResult,
-    EmbeddingRequest,
-    EmbeddingResult,
-    GenerationResult,
-    InferenceRequest,
-    InferenceResult,
-    TensorRequest,
-    TensorResult,
-)
+from modelyard.core.results import result_mismatch
+from modelyard.core.stuck import StuckCalls
+from modelyard.core.types import InferenceRequest, InferenceResult
 
 if TYPE_CHECKING:
     from modelyard.core.backend import Backend
@@ -37,30 +30,6 @@ Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
 _Call = asyncio.Task[list[InferenceResult]]
-
-
-class BatchRun:
-    """One backend call: its size, wall-clock bounds (for spans) and duration (batcher clock)."""
-
-    __slots__ = ("failed", "finished_ns", "seconds", "size", "started_ns")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.started_ns = time.time_ns()
-        self.finished_ns = 0
-        self.seconds = 0.0
-        self.failed = False
-
-
-class BatchTiming:
-    """What the batcher did with one request; given to ``submit`` by a caller that observes."""
-
-    __slots__ = ("batch", "enqueued_ns", "queue_wait_s")
-
-    def __init__(self) -> None:
-        self.enqueued_ns = 0
-        self.queue_wait_s: float | None = None
-        self.batch: BatchRun | None = None
 
 
 class _Pending:
@@ -122,20 +91,20 @@ class Batcher:
         self.max_batch_size = max(1, min(max_batch_size, backend.max_batch_size))
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        #: How long a cancelled backend call may take to return before it counts as stuck.
-        self.stuck_after_s = stuck_after_s
         self._on_stuck = on_stuck
         self._clock = clock
+        #: Calls cancelled because their callers left, and those that never returned.
+        self.stuck = StuckCalls(
+            self.model, clock=clock, stuck_after_s=stuck_after_s, on_stuck=self._became_stuck
+        )
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self.batches_run = 0
         #: Batches inside the backend right now (at most ``concurrency``).
         self.in_flight = 0
-        # Calls cancelled because every caller left: when, and the timer that checks on them.
-        self._abandoned: dict[_Call, tuple[float, asyncio.TimerHandle]] = {}
-        self._stuck: set[_Call] = set()
-        self._stuck_total = 0
+        #: The batches inside the backend now, for ``drain``.
+        self._executing: dict[int, list[_Pending]] = {}
 
     @property
     def depth(self) -> int:
@@ -143,16 +112,20 @@ class Batcher:
         return len(self._queue)
 
     @property
+    def stuck_after_s(self) -> float:
+        """How long a cancelled backend call may take to return before it counts as stuck."""
+        return self.stuck.stuck_after_s
+
+    @property
     def stuck_calls(self) -> int:
         """Backend calls so far that did not return after they were cancelled."""
-        self._tick()
-        return self._stuck_total
+        self.stuck.check()
+        return self.stuck.total
 
     @property
     def unhealthy(self) -> str:
         """Why the version refuses requests now ('' while it is healthy)."""
-        self._tick()
-        return self._stuck_reason() if self._stuck else ""
+        return self.stuck.reason
 
     def start(self) -> None:
         if not self._workers:
@@ -171,9 +144,16 @@ class Batcher:
                 await worker
             except asyncio.CancelledError:
                 pass
-        for _, timer in self._abandoned.values():
-            timer.cancel()
+        self.stuck.close()
         self._fail_queued(ServiceUnavailableError("model version is unloading"))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait, ``timeout_s`` at most, until the requests queued or inside the backend now
+        have their answers: a version taken out of service finishes them before it stops."""
+        held = [*self._queue, *(p for batch in self._executing.values() for p in batch)]
+        waiting = [p.future for p in held if not p.future.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
 
     async def submit(
         self, request: InferenceRequest, *, timing: BatchTiming | None = None
@@ -219,10 +199,12 @@ class Batcher:
             if batch:
                 last_batch = len(batch)
                 self.in_flight += 1
+                self._executing[id(batch)] = batch
                 try:
                     await self._execute(batch)
                 finally:
                     self.in_flight -= 1
+                    del self._executing[id(batch)]
 
     async def _wait_for_company(self) -> None:
         if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
@@ -360,7 +342,7 @@ class Batcher:
             log.error("backend of model %r failed one request", self.model, exc_info=result,
                       extra={"request_ids": _ids([pending])})
             return self._failed()
-        problem = _mismatch(pending.request, result)
+        problem = result_mismatch(pending.request, result)
         if not problem:
             return result
         log.error("backend of model %r returned %s", self.model, problem,
@@ -394,43 +376,13 @@ class Batcher:
             nonlocal left
             left -= 1
             if left == 0 and not call.done():
-                self._abandon(call)
+                self.stuck.abandon(call)
 
         for pending in batch:
             pending.future.add_done_callback(one_gone)
         return one_gone
 
-    def _abandon(self, call: _Call) -> None:
-        log.info("model %r: every caller of a backend call left; cancelling it", self.model)
-        call.cancel()
-        timer = asyncio.get_running_loop().call_later(self.stuck_after_s, self._tick)
-        self._abandoned[call] = (self._clock(), timer)
-        call.add_done_callback(self._returned)
-
-    def _returned(self, call: _Call) -> None:
-        entry = self._abandoned.pop(call, None)
-        if entry is not None:
-            entry[1].cancel()
-        if not call.cancelled():
-            call.exception()  # retrieved: a late failure of an abandoned call is not news
-        if call in self._stuck:
-            self._stuck.discard(call)
-            log.warning("model %r: a stuck backend call returned (%d still stuck)", self.model,
-                        len(self._stuck))
-
-    def _tick(self) -> None:
-        """Declare stuck the abandoned calls that outlived ``stuck_after_s`` (batcher clock)."""
-        if not self._abandoned:
-            return
-        now = self._clock()
-        late = [c for c, (since, _) in self._abandoned.items() if now - since >= self.stuck_after_s]
-        if not late:
-            return
-        for call in late:
-            self._abandoned.pop(call)[1].cancel()
-            self._stuck.add(call)
-        self._stuck_total += len(late)
-        reason = self._stuck_reason()
+    def _became_stuck(self, reason: str) -> None:
         log.error("model %r is unhealthy: %s; refusing its requests until they return",
                   self.model, reason)
         self._fail_queued(self._unhealthy_error(reason))
@@ -440,12 +392,6 @@ class Batcher:
             except Exception:  # an observer must never break the batcher
                 log.exception("on_stuck callback of model %r raised", self.model)
 
-    def _stuck_reason(self) -> str:
-        return (
-            f"{len(self._stuck)} backend call(s) have not returned {self.stuck_after_s:g}s "
-            "after they were cancelled"
-        )
-
     def _unhealthy_error(self, reason: str) -> ServiceUnavailableError:
         return ServiceUnavailableError(
             f"model {self.model!r} is unhealthy: {reason}; retry later", retry_after=5
@@ -454,30 +400,3 @@ class Batcher:
 
 def _ids(batch: list[_Pending]) -> list[str]:
     return [p.request_id for p in batch if p.request_id is not None]
-
-
-def _mismatch(request: InferenceRequest, result: InferenceResult) -> str:
-    """Why ``result`` cannot answer ``request`` ('' when it can): its kind, or rows per input."""
-    if isinstance(request, EmbeddingRequest):
-        if not isinstance(result, EmbeddingResult):
-            return _wrong_kind(request)
-        return _rows(len(result.embeddings), len(request.inputs), "embedding")
-    if isinstance(request, ClassificationRequest):
-        if not isinstance(result, ClassificationResult):
-            return _wrong_kind(request)
-        return _rows(len(result.labels), len(request.inputs), "classification")
-    expected = TensorResult if isinstance(request, TensorRequest) else GenerationResult
-    return "" if isinstance(result, expected) else _wrong_kind(request)
-
-
-def _wrong_kind(request: InferenceRequest) -> str:
-    return f"the wrong kind of result for {request.task.value}"
-
-
-def _rows(rows: int, inputs: int, what: str) -> str:
-    if rows == inputs:
-        return ""
-    return (
-        f"{rows} {what} {'row' if rows == 1 else 'rows'} for "
-        f"{inputs} {'input' if inputs == 1 else 'inputs'}"
-    )
