@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from litestar import Controller, Request, Response, get
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
 from litestar.types import Scope
 
+from modelyard.api.schema import DocumentedOperation
 from modelyard.core.logs import ACCESS_LOGGER, RequestInfo
 from modelyard.core.service import InferenceService
 
@@ -90,11 +93,25 @@ def _access_fields(
     return fields
 
 
+_EXPOSITION = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+
+
+@dataclass
+class _ExpositionOperation(DocumentedOperation):
+    """``GET /metrics`` answers Prometheus text, or OpenMetrics when the scraper asks."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.content = {"text/plain": _EXPOSITION, "application/openmetrics-text": _EXPOSITION}
+
+
 class MetricsController(Controller):
     path = "/metrics"
     tags = ("Observability",)
 
-    @get("")
+    @get("", operation_class=_ExpositionOperation)
     async def metrics(
         self, request: Request[Any, Any, Any], service: InferenceService
     ) -> Response[bytes]:

@@ -26,6 +26,7 @@ from modelyard.core.logs import current_request
 __all__ = [
     "PROBLEM_JSON",
     "client_detail",
+    "error_is_text",
     "exception_handlers",
     "problem_body",
     "problem_response",
@@ -45,6 +46,13 @@ _HTTP_TITLES = {
 _OWN_DETAIL = frozenset({503, 504})
 _IN_THE_LOG = "the server log has the detail under this request id"
 _INTERNAL_DETAIL = f"the server hit an unexpected error; {_IN_THE_LOG}"
+
+
+def error_is_text(path: str) -> bool:
+    """Whether a problem at ``path`` carries ``error`` as a string (tritonclient, ``/v2``)
+    rather than the object the OpenAI SDK reads (everywhere else). The OpenAPI document
+    (api/schema.py) follows the same rule."""
+    return path.startswith("/v2")
 
 
 def _detail_is_safe(status: int) -> bool:
@@ -96,7 +104,7 @@ def problem_body(
     if extra:
         body.update(extra)
     # Protocol clients read an ``error`` member: tritonclient a string, the openai SDK an object.
-    if path.startswith("/v2"):
+    if error_is_text(path):
         body["error"] = detail
     else:
         body["error"] = {"message": detail, "type": type_slug, "code": status}

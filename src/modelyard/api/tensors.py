@@ -130,7 +130,21 @@ def encode_binary_tensor(tensor: Tensor) -> bytes:
     tobytes = getattr(data, "tobytes", None)
     if tobytes is not None:  # a numpy array from a backend: already packed
         return bytes(tobytes())
-    return struct.pack(f"<{len(data)}{_STRUCT[tensor.datatype]}", *data)
+    code = _STRUCT[tensor.datatype]
+    try:
+        return struct.pack(f"<{len(data)}{code}", *data)
+    except OverflowError:
+        if code not in ("e", "f"):
+            raise
+        # A float past FP16/FP32's range is infinite there, as a cast (numpy's) makes it.
+        return b"".join(_pack_float(code, x) for x in data)
+
+
+def _pack_float(code: str, value: float) -> bytes:
+    try:
+        return struct.pack(f"<{code}", value)
+    except OverflowError:
+        return struct.pack(f"<{code}", math.copysign(math.inf, value))
 
 
 def json_data(tensor: Tensor) -> list[Any]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi import ResponseSpec
+from msgspec import UNSET, Meta, UnsetType
 
 from modelyard._version import __version__
+from modelyard.api.schema import TensorOperation, problems
 from modelyard.api.security import Caller
 from modelyard.api.tensors import (
     decode_binary_tensor,
@@ -44,24 +48,72 @@ __all__ = ["V2Controller"]
 HEADER_LENGTH = "inference-header-content-length"
 
 
+#: The tensor datatypes of the protocol (``core.types.V2_DATATYPES``, which a test keeps equal).
+V2Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]
+
+
 class V2Input(msgspec.Struct):
+    # The schema names the datatypes and non-negative dimensions; the decoder takes any, so
+    # that the refusal names the tensor (api/tensors.py).
     name: str
-    datatype: str
-    shape: list[int]
+    datatype: Annotated[str, Meta(extra_json_schema={"enum": sorted(get_args(V2Datatype))})]
+    shape: list[Annotated[int, Meta(extra_json_schema={"minimum": 0})]]
+    #: Nested or flat, row-major; absent when ``parameters.binary_data_size`` says the tensor
+    #: follows the JSON in binary.
     data: Any = None
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class V2Output(msgspec.Struct):
     name: str
+    #: ``binary_data: true`` asks for this output in binary.
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class V2InferBody(msgspec.Struct):
-    inputs: list[V2Input]
+    """An inference request (Open Inference Protocol v2)."""
+
+    inputs: Annotated[list[V2Input], Meta(min_length=1)]
     id: str | None = None
+    #: The outputs to return (all of them when absent).
     outputs: list[V2Output] | None = None
+    #: Sampling parameters for text models; ``binary_data_output: true`` asks for every
+    #: output in binary.
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class V2OutputTensor(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str
+    datatype: V2Datatype
+    shape: list[int]
+    #: Flat, row-major; absent when the tensor follows the JSON in binary.
+    data: list[Any] | UnsetType = UNSET
+    #: ``binary_data_size`` of a binary output.
+    parameters: dict[str, Any] | UnsetType = UNSET
+
+
+class V2InferResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An inference answer (Open Inference Protocol v2)."""
+
+    model_name: str
+    model_version: str
+    #: The request's ``id``, when it had one.
+    id: str | UnsetType = UNSET
+    outputs: list[V2OutputTensor]
+
+
+@dataclass
+class _InferOperation(TensorOperation):
+    body: ClassVar[type[msgspec.Struct]] = V2InferBody
+    examples: ClassVar[dict[str, Any]] = {
+        "tensor": {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2],
+                               "data": [[1.0, 2.0]]}]},
+        "text": {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                             "data": ["Hello"]}], "parameters": {"max_tokens": 16}},
+    }
 
 
 _TEXT_IN = TensorSpec("text", "BYTES", (-1,))
@@ -204,26 +256,26 @@ def _respond(version: ModelVersion, body: V2InferBody, outputs: list[Tensor]) ->
             raise BadRequestError(f"unknown output tensor(s): {', '.join(sorted(unknown))}")
         outputs = [t for t in outputs if t.name in wanted]
     binary_all = bool(body.parameters.get("binary_data_output"))
-    head: list[dict[str, Any]] = []
+    head: list[V2OutputTensor] = []
     blobs: list[bytes] = []
     for tensor in outputs:
-        item: dict[str, Any] = {
-            "name": tensor.name,
-            "datatype": tensor.datatype,
-            "shape": list(tensor.shape),
-        }
+        item = V2OutputTensor(
+            name=tensor.name, datatype=tensor.datatype,  # type: ignore[arg-type]
+            shape=list(tensor.shape),
+        )
         requested = wanted.get(tensor.name) if body.outputs else None
         as_binary = binary_all or bool(requested and requested.parameters.get("binary_data"))
         if as_binary:
             blob = encode_binary_tensor(tensor)
-            item["parameters"] = {"binary_data_size": len(blob)}
+            item.parameters = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            item["data"] = json_data(tensor)
+            item.data = json_data(tensor)
         head.append(item)
-    payload = {"model_name": version.name, "model_version": version.version, "outputs": head}
-    if body.id is not None:
-        payload["id"] = body.id
+    payload = V2InferResponse(
+        model_name=version.name, model_version=version.version, outputs=head,
+        id=body.id if body.id is not None else UNSET,
+    )
     encoded = msgspec.json.encode(payload)
     headers = model_headers(version)
     if blobs:
@@ -251,7 +303,7 @@ class V2Controller(Controller):
         """200 whenever the event loop answers."""
         return {"live": True}
 
-    @get("/health/ready")
+    @get("/health/ready", responses=problems(503))
     async def ready(self, service: InferenceService) -> dict[str, bool]:
         """200 once every required model has a healthy active version."""
         readiness = service.readiness()
@@ -259,13 +311,15 @@ class V2Controller(Controller):
             raise ModelNotReadyError(f"not ready ({readiness.reason})", retry_after=5)
         return {"ready": True}
 
-    @get(["/models/{name:str}", "/models/{name:str}/versions/{version:str}"])
+    @get(["/models/{name:str}", "/models/{name:str}/versions/{version:str}"],
+         responses=problems(404))
     async def model_metadata(
         self, name: str, service: InferenceService, version: str | None = None
     ) -> dict[str, Any]:
         return _metadata(service.model_metadata(name, version))
 
-    @get(["/models/{name:str}/ready", "/models/{name:str}/versions/{version:str}/ready"])
+    @get(["/models/{name:str}/ready", "/models/{name:str}/versions/{version:str}/ready"],
+         responses=problems(404))
     async def model_ready(
         self, name: str, service: InferenceService, version: str | None = None
     ) -> dict[str, Any]:
@@ -275,6 +329,11 @@ class V2Controller(Controller):
     @post(
         ["/models/{name:str}/infer", "/models/{name:str}/versions/{version:str}/infer"],
         status_code=200,
+        responses={
+            200: ResponseSpec(V2InferResponse, description="The outputs", generate_examples=False),
+            **problems(400, 404, 408, 413, 422, 504),
+        },
+        operation_class=_InferOperation,
     )
     async def infer(
         self,
@@ -305,12 +364,13 @@ class V2Controller(Controller):
     ) -> list[IndexRow]:
         return service.repository_index(principal)
 
-    @post("/repository/models/{name:str}/load", status_code=200)
+    @post("/repository/models/{name:str}/load", status_code=200, responses=problems(404, 409))
     async def load(self, name: str, service: InferenceService) -> dict[str, Any]:
         await service.load_model(name)
         return {"name": name, "loaded": True}
 
-    @post("/repository/models/{name:str}/unload", status_code=200)
+    @post("/repository/models/{name:str}/unload", status_code=200,
+          responses=problems(404, 409))
     async def unload(self, name: str, service: InferenceService) -> dict[str, Any]:
         await service.unload_model(name)
         return {"name": name, "unloaded": True}

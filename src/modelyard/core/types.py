@@ -54,18 +54,24 @@ V2_DATATYPES = frozenset(
 )
 
 
+#: Integers a request may carry are 64-bit: a larger one is refused (400), not carried into
+#: cache keys (msgpack) or a runtime.
+_INT64_MAX = 2**63 - 1
+_Int64 = Annotated[int, Meta(ge=-(2**63), le=_INT64_MAX)]
+
+
 class GenerationParams(Struct, frozen=True, kw_only=True):
     """Sampling parameters shared by chat and completion requests."""
 
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=_INT64_MAX)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    seed: int | None = None
+    top_k: Annotated[int, Meta(ge=0, le=_INT64_MAX)] | None = None
+    seed: _Int64 | None = None
     stop: tuple[str, ...] = ()
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[_Int64, float] | None = None
 
     @property
     def deterministic(self) -> bool:
