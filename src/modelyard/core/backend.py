@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +19,7 @@ from modelyard.core.types import (
     TensorSpec,
 )
 
-__all__ = ["Backend", "BackendInfo", "HealthReport", "LoadContext", "NoOptions"]
+__all__ = ["Backend", "BackendInfo", "HealthReport", "LoadContext", "NoOptions", "files_size"]
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +97,16 @@ class Backend:
         """Describe inputs, outputs and runtime parameters. Override to add detail."""
         return BackendInfo(platform=self.name)
 
+    def memory_bytes(self) -> int:
+        """Bytes this loaded version holds, for the server's memory budget. Override to add
+        what the runtime allocates beyond its files (a KV cache, an arena).
+
+        Called once after ``load`` (in a worker thread). The default is the size of the
+        files at ``context.path`` (every file under it, for a folder): a floor, since a
+        runtime holds at least its weights.
+        """
+        return files_size(self.context.path)
+
     @classmethod
     def detect_task(cls, path: Path | None, options: Any) -> Task | None:
         """Guess the task from the model files when config names none. Override."""
@@ -103,3 +115,29 @@ class Backend:
     @property
     def supports_streaming(self) -> bool:
         return type(self).stream is not Backend.stream
+
+
+#: Files ``files_size`` looks at under a folder: a model folder holds a handful, and a source
+#: that is not one (``.`` for a fake backend) must not cost a walk of a whole tree.
+FILES_SIZE_LIMIT = 1000
+
+
+def files_size(path: Path | None, *, limit: int = FILES_SIZE_LIMIT) -> int:
+    """Bytes of the file at ``path``, or of the files under it (the first ``limit`` found,
+    so still a floor); 0 when there is none."""
+    if path is None:
+        return 0
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        total = 0
+        for root, _, names in os.walk(path):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += (Path(root) / name).stat().st_size
+                limit -= 1
+                if limit <= 0:
+                    return total
+        return total
+    except OSError:
+        return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from modelyard.core.breaker import CircuitState
 from modelyard.core.canary import Canary
@@ -25,6 +26,8 @@ class Canaries:
         self._running: dict[str, Canary] = {}
         #: Why each model's last canary was rolled back automatically.
         self.rollbacks: dict[str, str] = {}
+        #: Told ``(model, canary, action, reason)`` on start, stop and automatic rollback.
+        self.on_change: Callable[[str, Canary, str, str], None] | None = None
 
     def get(self, model: str) -> Canary | None:
         return self._running.get(model)
@@ -35,6 +38,7 @@ class Canaries:
         self._running[model] = canary
         self.rollbacks.pop(model, None)
         log.info("canary: %s version %s takes %g%% of traffic", model, target, percent)
+        self._changed(model, canary, "started")
         return canary
 
     def stop(self, model: str, *, reason: str = "") -> Canary:
@@ -46,7 +50,12 @@ class Canaries:
             self._telemetry.rolled_back(model, "canary")
             self.rollbacks[model] = reason
             log.warning("canary of %s version %s rolled back: %s", model, canary.target, reason)
+        self._changed(model, canary, "rolled_back" if reason else "stopped", reason)
         return canary
+
+    def _changed(self, model: str, canary: Canary, action: str, reason: str = "") -> None:
+        if self.on_change is not None:
+            self.on_change(model, canary, action, reason)
 
     def record(self, version: ModelVersion, active_version: str | None, *, failed: bool) -> None:
         """Count one answer of ``version``; roll the canary back once it does worse."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -19,13 +18,15 @@ from modelyard.core.batching import Clock
 from modelyard.core.canaries import Canaries
 from modelyard.core.canary import Canary
 from modelyard.core.errors import ConfigError, ConflictError, ModelNotFoundError
+from modelyard.core.events import EventBus, ModelRolledBack, ModelSwapped
 from modelyard.core.loader import ModelLoader
-from modelyard.core.probes import HealthProber, ProbeOutcome, Sleeper, compare_io, run_probe
+from modelyard.core.probes import HealthProber, Sleeper
 from modelyard.core.registry import ModelEntry, ModelRegistry, ModelVersion, VersionState
+from modelyard.core.safety import SwapSafety
 from modelyard.core.settings import ModelSpec, ServerSettings, decode_settings, resolve_models
 from modelyard.core.telemetry import Telemetry
 from modelyard.core.types import Task
-from modelyard.core.views import ModelView, SafetyCheck, SafetyReport, version_view
+from modelyard.core.views import ModelView, SafetyReport, version_view
 
 __all__ = ["Deployments", "StateObserver"]
 
@@ -49,6 +50,7 @@ class Deployments:
         clock: Clock,
         on_state: StateObserver,
         sleep: Sleeper = asyncio.sleep,
+        events: EventBus | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -58,28 +60,61 @@ class Deployments:
         self._telemetry = telemetry
         self._clock = clock
         self._on_state = on_state
+        self._events = events if events is not None else EventBus()
         self._locks: dict[str, asyncio.Lock] = {}
         # Per model: previously active versions, newest last, for rollback.
         self._history: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sleep = sleep
         self._probing: asyncio.Task[None] | None = None
+        self._safety = SwapSafety(settings, self._probe_timeout)
 
     # -- loading -------------------------------------------------------------------------
 
     def register(self, specs: list[ModelSpec]) -> None:
-        """List every configured version as loading, before any of them loads."""
+        """List every configured version: loading, or unloaded until asked for (on demand)."""
         for spec in specs:
-            self._registry.add(self._new_version(spec)).versions[spec.version].set_state(
-                VersionState.LOADING
-            )
+            version = self._new_version(spec)
+            self._registry.add(version)
+            if spec.on_demand:
+                version.phase = "unloaded"
+            version.set_state(VersionState.UNLOADED if spec.on_demand else VersionState.LOADING)
 
     async def load_all(self, specs: list[ModelSpec]) -> None:
+        """Load every startup version; on-demand ones wait for their first request."""
         # One at a time: loads compete for the same cores and memory anyway, and a
         # sequential order keeps progress output readable.
         for spec in specs:
+            if spec.on_demand:
+                continue
             version = self._registry.entry(spec.name).versions[spec.version]
             await self._load(version, activate=spec.active)
+
+    async def load_on_demand(self, version: ModelVersion) -> None:
+        """Load ``version`` unless it serves already; it becomes active when it is meant to be
+        (the model's active version, or its configured one before any was active)."""
+        async with self._lock(version.name):
+            if version.serving:
+                return
+            active = self._registry.entry(version.name).active_version
+            activate = active == version.version or (active is None and version.spec.active)
+            await self._load(version, activate=activate)
+
+    def busy(self, name: str) -> bool:
+        """An operation (load, swap, unload) holds ``name``'s lock now."""
+        return self._lock(name).locked()
+
+    async def evict(self, version: ModelVersion, idle: Callable[[ModelVersion], bool]) -> bool:
+        """Unload ``version`` if ``idle`` still says so under its model's lock; True if done."""
+        if self.busy(version.name):
+            return False
+        # Acquiring a free lock does not suspend: nothing can start using the version
+        # between the check below and release() taking it out of service.
+        async with self._lock(version.name):
+            if not idle(version):
+                return False
+            await self._loader.release(version)
+        return True
 
     async def _load(self, version: ModelVersion, *, activate: bool, added: bool = False) -> None:
         warmup = self._warmup_timeout(version, added=added)
@@ -139,7 +174,7 @@ class Deployments:
         if entry.active_version == version_label:
             raise ConflictError(f"version {version_label!r} of {name!r} is active; swap first")
         async with self._exclusive(name):
-            await self._loader.release(entry.versions[version_label])
+            await self._retire(entry.versions[version_label])
             self._registry.remove(name, version_label)
             history = self._history.get(name, [])
             if version_label in history:
@@ -193,6 +228,9 @@ class Deployments:
             # The model's probe is the request every version of it must answer.
             "probe": msgspec.to_builtins(template.probe),
             "probe_interval_s": template.probe_interval_s,
+            "load": template.load,
+            "keep_alive_s": template.keep_alive_s,
+            "pinned": template.pinned,
         }
         try:
             settings = decode_settings({"models": [raw]}, env={})
@@ -215,100 +253,9 @@ class Deployments:
 
     async def swap_safety(self, name: str, to: str) -> SafetyReport:
         """Whether ``to`` may become active now, check by check (a real probe among them)."""
-        entry = self._registry.entry(name)
-        target = entry.versions.get(to)
-        checks = [
-            SafetyCheck(
-                "target_exists", target is not None, "" if target else f"no version {to!r}"
-            ),
-            SafetyCheck(
-                "target_ready",
-                bool(target and target.serving),
-                target.state.value if target and target.state else "",
-            ),
-            SafetyCheck("no_concurrent_operation", not self._lock(name).locked()),
-            SafetyCheck("target_not_active", entry.active_version != to),
-        ]
-        score = 0.0
-        if target is not None and target.serving and target.backend is not None:
-            report = await target.backend.health()
-            score = 1.0 if report.healthy else 0.0
-            checks.append(SafetyCheck("target_healthy", report.healthy, report.detail))
-        else:
-            checks.append(SafetyCheck("target_healthy", False, "not serving"))
-        threshold = self._settings.swap_health_threshold
-        checks.append(
-            SafetyCheck(
-                "health_score", score >= threshold, f"{score:.2f} (threshold {threshold:.2f})"
-            )
+        return await self._safety.report(
+            self._registry.entry(name), to, busy=self._lock(name).locked()
         )
-        checks += await self._stand_in_checks(entry, target)
-        return SafetyReport(
-            model=name,
-            to=to,
-            from_=entry.active_version,
-            safe=all(c.ok for c in checks),
-            checks=checks,
-        )
-
-    async def _stand_in_checks(
-        self, entry: ModelEntry, target: ModelVersion | None
-    ) -> list[SafetyCheck]:
-        """Can ``target`` answer what the active version answers: task, signature, a probe."""
-        names = ("same_task", "same_signature", "probe")
-        if target is None or not target.serving:
-            reason = "no such version" if target is None else "not serving"
-            return [SafetyCheck(n, False, reason) for n in names]
-        probed = await self._probe(target)
-        probe = SafetyCheck("probe", probed.ok, probed.detail)
-        active = entry.active
-        if active is None or active is target:
-            alone = "no other active version to compare with"
-            return [SafetyCheck("same_task", True, alone),
-                    SafetyCheck("same_signature", True, alone), probe]
-        if active.task is None:
-            same_task = SafetyCheck("same_task", True, "the active version's task is unknown")
-        else:
-            same_task = SafetyCheck(
-                "same_task", target.task == active.task,
-                f"{active.task.value} -> {target.task.value if target.task else 'unknown'}",
-            )
-        if not same_task.ok:
-            signature = SafetyCheck("same_signature", False, "not compared: the tasks differ")
-        else:
-            signature = await self._same_signature(active, target, probed)
-        return [same_task, signature, probe]
-
-    async def _same_signature(
-        self, active: ModelVersion, target: ModelVersion, probed: ProbeOutcome
-    ) -> SafetyCheck:
-        """Tensor models: the same inputs and outputs; embeddings: the same width."""
-        name = "same_signature"
-        if not active.serving or active.backend is None or target.backend is None:
-            return SafetyCheck(name, True, "not compared: the active version is not serving")
-        if target.task == Task.TENSOR:
-            problem = compare_io(active.backend.info(), target.backend.info())
-            return SafetyCheck(name, not problem, problem or "the same input and output tensors")
-        if target.task == Task.EMBEDDINGS:
-            if probed.dimensions is None:
-                return SafetyCheck(name, False, "not compared: the probe got no vectors")
-            theirs = await self._probe(active)
-            if theirs.dimensions is None:
-                # A broken active version is a reason to swap, not to refuse.
-                return SafetyCheck(
-                    name, True, f"not compared: the active version's probe failed: {theirs.detail}"
-                )
-            return SafetyCheck(
-                name, theirs.dimensions == probed.dimensions,
-                f"{theirs.dimensions} -> {probed.dimensions} dimensions",
-            )
-        task = target.task.value if target.task else "unknown"
-        return SafetyCheck(name, True, f"nothing to compare for {task}")
-
-    async def _probe(self, version: ModelVersion) -> ProbeOutcome:
-        outcome = await run_probe(version, timeout_s=self._probe_timeout(version))
-        version.record_health(outcome.ok, outcome.detail, time.time())
-        return outcome
 
     async def swap(self, name: str, to: str) -> SafetyReport:
         """Make ``to`` active atomically; 409 with the safety report when unsafe."""
@@ -327,6 +274,7 @@ class Deployments:
                 )
             self._activate(target)
             self._telemetry.swapped(name)
+            self._events.publish(ModelSwapped(model=name, from_version=report.from_, to_version=to))
             await self._prune_deprecated(name)
         return report
 
@@ -342,8 +290,12 @@ class Deployments:
             raise ConflictError(f"model {name!r} has no previous version to roll back to")
         async with self._exclusive(name):
             target = history.pop()
+            previous = entry.active_version
             self._activate(entry.versions[target], remember=False)
             self._telemetry.rolled_back(name, "manual")
+            self._events.publish(
+                ModelRolledBack(model=name, from_version=previous, to_version=target)
+            )
         return target
 
     def _activate(self, version: ModelVersion, *, remember: bool = True) -> None:
@@ -364,7 +316,15 @@ class Deployments:
             oldest = history.pop(0)
             version = self._registry.entry(name).versions.get(oldest)
             if version is not None and version.state == VersionState.DEPRECATED:
-                await self._loader.release(version)
+                await self._retire(version)
+
+    async def _retire(self, version: ModelVersion) -> None:
+        """Unload a version that takes no traffic of its own any more (not active), once the
+        requests it admitted before the swap have their answers (``shutdown_grace_s`` at most):
+        unloading it right after a swap must fail none of them."""
+        if version.batcher is not None:
+            await version.batcher.drain(self._settings.shutdown_grace_s)
+        await self._loader.release(version)
 
     # -- canary --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotReadyError",
     "ModelyardError",
+    "NotFoundError",
     "PayloadTooLargeError",
     "QueueFullError",
     "RateLimitedError",
@@ -81,6 +82,14 @@ class ModelNotFoundError(ModelyardError):
     status_code = 404
     title = "Model Not Found"
     type_slug = "model-not-found"
+
+
+class NotFoundError(ModelyardError):
+    """Something other than a model (a file, a batch) does not exist or is not the caller's."""
+
+    status_code = 404
+    title = "Not Found"
+    type_slug = "not-found"
 
 
 class ConflictError(ModelyardError):

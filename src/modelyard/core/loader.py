@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from modelyard.core.backend import Backend, LoadContext
+from modelyard.core.backend import Backend, LoadContext, files_size
 from modelyard.core.batching import Batcher, Clock
 from modelyard.core.errors import ModelLoadError, ModelyardError
 from modelyard.core.probes import run_probe
@@ -36,12 +36,15 @@ class ModelLoader:
         telemetry: Telemetry,
         clock: Clock,
         response_cache: Callable[[], ResponseCache | None],
+        on_progress: Callable[[ModelVersion], None] | None = None,
     ) -> None:
         self._resolve_source = resolve_source
         self._cache_dir = cache_dir
         self._telemetry = telemetry
         self._clock = clock
         self._response_cache = response_cache
+        #: Told after each change of a version's ``progress``/``phase`` (any thread).
+        self._on_progress = on_progress or (lambda _version: None)
 
     async def load(self, version: ModelVersion, *, warmup_timeout_s: float | None = None) -> bool:
         """Load ``version`` until it is ready (True) or failed with its reason (False).
@@ -70,6 +73,8 @@ class ModelLoader:
                 "error; the server log has the details",
             )
             return False
+        version.memory_bytes = await self._memory_of(version, backend)
+        version.last_used = self._clock()
         version.backend = backend
         version.batcher = self._batcher(version, backend)
         version.batcher.start()
@@ -77,9 +82,19 @@ class ModelLoader:
         if warmup_timeout_s is not None and not await self._warm_up(version, warmup_timeout_s):
             return False
         version.progress, version.phase = 100.0, "ready"
+        self._on_progress(version)
         self._telemetry.model_loaded(version, self._clock() - started)
         version.set_state(VersionState.READY)
         return True
+
+    @staticmethod
+    async def _memory_of(version: ModelVersion, backend: Backend) -> int:
+        """What the backend says it holds; its files' size when its own figure fails."""
+        try:
+            return max(0, int(await asyncio.to_thread(backend.memory_bytes)))
+        except Exception:  # a figure for the budget must never fail a load
+            log.exception("memory_bytes of %s:%s raised", version.name, version.version)
+            return await asyncio.to_thread(files_size, backend.context.path)
 
     def _batcher(self, version: ModelVersion, backend: Backend) -> Batcher:
         batching = version.spec.batching
@@ -117,6 +132,7 @@ class ModelLoader:
         def progress(phase: str, percent: float) -> None:
             # Never backwards: a later step may name a lower figure than the last one reached.
             version.phase, version.progress = phase, max(version.progress, min(99.0, percent))
+            self._on_progress(version)
 
         version.progress = 0.0
         progress("resolving source", 0.0)
@@ -153,6 +169,7 @@ class ModelLoader:
     async def _warm_up(self, version: ModelVersion, timeout_s: float) -> bool:
         """Send the probe before anyone else may; on failure the version is failed, unloaded."""
         version.phase, version.progress = "warm-up", max(version.progress, 95.0)
+        self._on_progress(version)
         outcome = await run_probe(version, timeout_s=timeout_s)
         version.record_health(outcome.ok, outcome.detail, time.time())
         if outcome.ok:
@@ -163,15 +180,18 @@ class ModelLoader:
 
     def _failed(self, version: ModelVersion, reason: str) -> None:
         log.error("model %s version %s failed to load: %s", version.name, version.version, reason)
+        self._telemetry.model_load_failed(version)
         version.phase = "failed"
         version.set_state(VersionState.FAILED, error=reason)
 
     async def release(self, version: ModelVersion) -> None:
         """Stop the batcher and unload the backend; the version stays listed."""
+        # Not serving from here on: a lookup while the batcher stops gets 503 (or, for an
+        # on-demand model, a fresh load), never a queue that no worker will drain.
+        backend, version.backend = version.backend, None
         if version.batcher is not None:
             await version.batcher.stop()
             version.batcher = None
-        backend, version.backend = version.backend, None
         if backend is not None:
             try:
                 await backend.unload()

@@ -12,7 +12,7 @@ processes behind a balancer and scrape each one (see docs/observability.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -24,13 +24,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 
 from modelyard._version import __version__
-from modelyard.core.breaker import CircuitState
-from modelyard.core.registry import VersionState
+from modelyard.core.metrics_state import BACKEND_LABELS, MODEL_LABELS, PREFIX, StateCollector
 
 if TYPE_CHECKING:
     from modelyard.core.failover import FailoverChain
@@ -38,9 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Metrics", "VersionMetrics", "exposition"]
 
-PREFIX = "modelyard"
-MODEL_LABELS = ("model", "version")
-BACKEND_LABELS = ("model", "version", "backend")
 
 # Seconds; request-scale buckets reach minutes because generation can take that long.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -195,6 +189,26 @@ class Metrics:
             BACKEND_LABELS,
             LOAD_BUCKETS,
         )
+        self.loads = counter(
+            "model_loads", "Model version loads, by outcome (loaded, failed).", ["model", "outcome"]
+        )
+        self.evictions = counter(
+            "model_evictions",
+            "On-demand versions unloaded: idle past keep_alive_s, or to make room (budget).",
+            ["model", "reason"],
+        )
+        self.load_wait = histogram(
+            "model_load_wait_seconds",
+            "Time a request waited for its on-demand model to load (coalesced waits included).",
+            ["model"],
+            LOAD_BUCKETS,
+        )
+        self.memory_budget = gauge(
+            "memory_budget_bytes", "server.memory_budget_bytes (0: no limit).", []
+        )
+        self.max_loaded = gauge(
+            "max_loaded_models", "server.max_loaded_models (0: no limit).", []
+        )
         self.swaps = counter(
             "model_swaps", "Active-version swaps (canary promotions included).", ["model"]
         )
@@ -248,6 +262,13 @@ class Metrics:
         if child is None:  # routes and statuses are few: bind each combination once
             child = self._http[key] = self.http_requests.labels(method, route, str(status))
         child.inc()
+
+    def memory_limits(self, budget_bytes: int | None, max_loaded: int | None) -> None:
+        """Export the configured limits (an unlimited one stays 0)."""
+        if budget_bytes is not None:
+            self.memory_budget.set(budget_bytes)
+        if max_loaded is not None:
+            self.max_loaded.set(max_loaded)
 
     def model_swapped(self, model: str) -> None:
         self.swaps.labels(model).inc()
@@ -307,7 +328,7 @@ class Metrics:
 
     def watch(self, models: ModelRegistry, aliases: Mapping[str, FailoverChain]) -> None:
         """Export queues, breakers, versions and failovers on every scrape."""
-        self.registry.register(_StateCollector(models, aliases))
+        self.registry.register(StateCollector(models, aliases))
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry in the format ``accept`` asks for (Prometheus text or OpenMetrics)."""
@@ -317,96 +338,3 @@ class Metrics:
 def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
-
-
-class _StateCollector(Collector):
-    """Reads queue depths, breaker and version states and failover counts at scrape time."""
-
-    def __init__(self, models: ModelRegistry, aliases: Mapping[str, FailoverChain]) -> None:
-        self._models = models
-        self._aliases = aliases
-
-    def describe(self) -> Iterator[Any]:
-        # Empty families: the registry learns the names without collecting the service.
-        return iter(self._families())
-
-    def collect(self) -> Iterator[Any]:
-        families = self._families()
-        depth, state, version_state, progress, transitions, failovers, exhausted, stuck = families
-        for entry in self._models:
-            for v in entry.versions.values():
-                _version_samples(v, depth, state, version_state, progress, transitions)
-                if v.batcher is not None:
-                    stuck.add_metric([v.name, v.version], v.batcher.stuck_calls)
-        for chain in self._aliases.values():
-            failovers.add_metric([chain.name], chain.failovers)
-            exhausted.add_metric([chain.name], chain.exhausted)
-        return iter(families)
-
-    @staticmethod
-    def _families() -> list[Any]:
-        return [
-            GaugeMetricFamily(
-                f"{PREFIX}_queue_depth",
-                "Requests waiting in a version's batch queue.",
-                labels=MODEL_LABELS,
-            ),
-            GaugeMetricFamily(
-                f"{PREFIX}_circuit_breaker_state",
-                "1 for the breaker's current state, 0 for the others.",
-                labels=[*MODEL_LABELS, "state"],
-            ),
-            GaugeMetricFamily(
-                f"{PREFIX}_model_version_state",
-                "1 for the version's current state, 0 for the others.",
-                labels=[*BACKEND_LABELS, "state"],
-            ),
-            GaugeMetricFamily(
-                f"{PREFIX}_model_load_progress_ratio",
-                "Load progress of a version, 0 to 1.",
-                labels=MODEL_LABELS,
-            ),
-            CounterMetricFamily(
-                f"{PREFIX}_circuit_breaker_transitions",
-                "Breaker state changes.",
-                labels=[*MODEL_LABELS, "from_state", "to_state"],
-            ),
-            CounterMetricFamily(
-                f"{PREFIX}_failovers",
-                "Times a request to an alias moved on to its next target.",
-                labels=["alias"],
-            ),
-            CounterMetricFamily(
-                f"{PREFIX}_failover_exhausted",
-                "Alias requests no target could answer (503).",
-                labels=["alias"],
-            ),
-            CounterMetricFamily(
-                f"{PREFIX}_stuck_backend_calls",
-                "Backend calls still running after they were cancelled (version unhealthy).",
-                labels=MODEL_LABELS,
-            ),
-        ]
-
-
-def _version_samples(
-    v: ModelVersion,
-    depth: GaugeMetricFamily,
-    state: GaugeMetricFamily,
-    version_state: GaugeMetricFamily,
-    progress: GaugeMetricFamily,
-    transitions: CounterMetricFamily,
-) -> None:
-    mv = [v.name, v.version]
-    if v.batcher is not None:
-        depth.add_metric(mv, v.batcher.depth)
-    current = v.breaker.state  # applies time-driven transitions, as any reader does
-    for breaker_state in CircuitState:
-        state.add_metric([*mv, breaker_state.value], 1.0 if breaker_state is current else 0.0)
-    for lifecycle in VersionState:
-        version_state.add_metric(
-            [*mv, v.spec.backend.name, lifecycle.value], 1.0 if v.state is lifecycle else 0.0
-        )
-    progress.add_metric(mv, v.progress / 100.0)
-    for (old, new), count in sorted(v.breaker.transitions.items()):
-        transitions.add_metric([*mv, old.value, new.value], count)

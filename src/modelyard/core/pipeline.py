@@ -25,6 +25,7 @@ from modelyard.core.errors import (
 )
 from modelyard.core.limits import apply_limits
 from modelyard.core.registry import ModelRegistry, ModelVersion
+from modelyard.core.residency import HeldStream
 from modelyard.core.response_cache import CacheDirective, CacheStatus, ResponseCache
 from modelyard.core.routing import Router
 from modelyard.core.settings import Settings
@@ -99,7 +100,7 @@ class InferencePipeline:
             found, chunks, status = await self._through(
                 name, request, label, cache, self._start_stream, _stream_through, streaming=True
             )
-            return StreamAnswer(found, chunks, status)
+            return StreamAnswer(found, HeldStream(found, chunks), status)
 
         return await self._router.route(model, version, request.task, one)
 
@@ -115,8 +116,32 @@ class InferencePipeline:
         *,
         streaming: bool = False,
     ) -> tuple[ModelVersion, _T, CacheStatus]:
-        """Pick the version, apply limits, then the cache around ``call`` when it may answer."""
+        """Pick the version and hold it in flight (a stream: until it ends) while it serves."""
         found = self._router.pick(model, request.task, version)
+        found.begin_request()  # a version in flight is never evicted (core/residency.py)
+        try:
+            value, status = await self._serve(
+                found, model, request, directive, call, via_cache, streaming
+            )
+        except BaseException:
+            found.end_request()
+            raise
+        if not streaming:
+            found.end_request()
+        return found, value, status
+
+    async def _serve(
+        self,
+        found: ModelVersion,
+        model: str,
+        request: InferenceRequest,
+        directive: CacheDirective | None,
+        call: Callable[[ModelVersion, str, InferenceRequest], Awaitable[_T]],
+        via_cache: Callable[[ResponseCache, bytes, Callable[[], Awaitable[_T]], bool],
+                            Awaitable[tuple[_T, str]]],
+        streaming: bool,
+    ) -> tuple[_T, CacheStatus]:
+        """Apply limits, then the cache around ``call`` when it may answer."""
         self._telemetry.serving(found, request)
         request = apply_limits(self._settings.limits.for_model(model), model, request)
         if streaming and not (found.backend is not None and found.backend.supports_streaming):
@@ -124,7 +149,7 @@ class InferencePipeline:
         cache = self._response_cache()
         key = self._cache_key(cache, found, request, directive)
         if cache is None or directive is None or key is None:
-            return found, await call(found, model, request), CacheStatus.BYPASS
+            return await call(found, model, request), CacheStatus.BYPASS
 
         def run() -> Awaitable[_T]:
             return call(found, model, request)
@@ -132,7 +157,7 @@ class InferencePipeline:
         value, outcome = await via_cache(cache, key, run, directive.refresh)
         status = CacheStatus.BYPASS if directive.refresh else CacheStatus(outcome.upper())
         self._telemetry.cache_result(status.lower())
-        return found, value, status
+        return value, status
 
     @staticmethod
     def _cache_key(
@@ -189,6 +214,8 @@ class InferencePipeline:
         return result
 
     def _record(self, found: ModelVersion, *, failed: bool) -> None:
+        if self._canaries.get(found.name) is None:
+            return  # the common case: no canary to judge, nothing to look up
         active = self._registry.entry(found.name).active_version
         self._canaries.record(found, active, failed=failed)
 

@@ -65,6 +65,17 @@ class ModelVersion:
         self.phase: str = "queued"
         #: The last probe's verdict; None until the version is first probed.
         self.health: VersionHealth | None = None
+        #: What the backend reported holding at its last load (kept after an unload, as the
+        #: estimate for the next load); see ``held_bytes`` for what it holds now.
+        self.memory_bytes = 0
+        #: Requests being served (from the router's pick to the answer or the stream's end):
+        #: a version with any is never evicted.
+        self.in_flight = 0
+        #: Requests waiting for this version's on-demand load (they hold it too).
+        self.waiting = 0
+        #: When the last request ended (or the version loaded): the keep-alive and LRU clock.
+        self.last_used = clock()
+        self._clock = clock
         self._state: VersionState | None = None
         self._on_state = on_state
         self.breaker = CircuitBreaker(
@@ -88,6 +99,19 @@ class ModelVersion:
     @property
     def serving(self) -> bool:
         return self._state in SERVING_STATES and self.backend is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """The memory this version holds now: its last report while loaded, else 0."""
+        return self.memory_bytes if self.backend is not None else 0
+
+    def begin_request(self) -> None:
+        """A request is served by this version from now (it cannot be evicted meanwhile)."""
+        self.in_flight += 1
+
+    def end_request(self) -> None:
+        self.in_flight -= 1
+        self.last_used = self._clock()
 
 
 class ModelEntry:
@@ -127,7 +151,8 @@ class ModelRegistry:
     def add(self, version: ModelVersion) -> ModelEntry:
         entry = self._models.setdefault(version.name, ModelEntry(version.name))
         entry.versions[version.version] = version
-        entry.required = entry.required or version.spec.required
+        # Readiness never waits for an on-demand model: it loads when asked for.
+        entry.required = entry.required or (version.spec.required and not version.spec.on_demand)
         return entry
 
     def remove(self, name: str, version: str) -> None:

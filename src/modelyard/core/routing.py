@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from modelyard.core.canaries import Canaries
 from modelyard.core.errors import ModelNotFoundError, ModelyardError, UnsupportedTaskError
@@ -11,6 +11,9 @@ from modelyard.core.failover import Availability, FailoverChain, Target, breaker
 from modelyard.core.registry import ModelRegistry, ModelVersion
 from modelyard.core.types import Task
 from modelyard.core.views import AliasView
+
+if TYPE_CHECKING:
+    from modelyard.core.residency import Residency
 
 __all__ = ["Router", "serves"]
 
@@ -38,6 +41,8 @@ class Router:
         #: Alias name -> its failover chain of targets.
         self.aliases = aliases
         self._canaries = canaries
+        #: Loads on-demand versions before a request is routed to them (set by the service).
+        self.residency: Residency | None = None
 
     def pick(self, model: str, task: Task, version: str | None) -> ModelVersion:
         """The version of ``model`` that serves this request (the canary takes its share)."""
@@ -59,19 +64,38 @@ class Router:
         self, model: str, version: str | None, task: Task,
         call: Callable[[str, str | None], Awaitable[_T]],
     ) -> _T:
-        """``call`` a model directly, or along an alias's failover chain."""
+        """``call`` a model directly, or along an alias's failover chain.
+
+        An unloaded on-demand target is loaded first; ``call`` runs right after, with no
+        await in between, so the version cannot be evicted before the request holds it.
+        """
         chain = self.aliases.get(model)
         if chain is None:
+            residency = self.residency
+            if residency is not None and model in residency.models:  # no await for the rest
+                await residency.ensure(model, version, task)
             return await call(model, version)
         if version is not None:
             raise ModelNotFoundError(f"{model!r} is an alias; it has no version {version!r}")
-        answer = await chain.run(
-            lambda t: call(t.model, t.version),
-            availability=lambda t: self._availability(t, task),
-        )
+
+        async def call_target(target: Target) -> _T:
+            await self._load_if_needed(target.model, target.version, task)
+            return await call(target.model, target.version)
+
+        answer = await chain.run(call_target, availability=lambda t: self._availability(t, task))
         return answer.value
 
+    async def _load_if_needed(self, model: str, version: str | None, task: Task) -> None:
+        residency = self.residency
+        if residency is not None and model in residency.models:
+            await residency.ensure(model, version, task)
+
     def _availability(self, target: Target, task: Task) -> Availability:
+        loadable = self.residency.target(target.model, target.version) if self.residency else None
+        if loadable is not None and not loadable.serving:
+            if loadable.task is not None and not serves(loadable, task):
+                return Availability.down(f"serves {loadable.task.value}, not {task.value}")
+            return Availability(True)  # unloaded on demand: the call loads it
         found = self._registry.get(target.model, target.version)  # 404/503: the chain skips it
         if not serves(found, task):
             served = found.task.value if found.task else "nothing"

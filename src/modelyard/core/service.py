@@ -28,12 +28,17 @@ from modelyard.core.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
+from modelyard.core.events import (
+    EventBus,
+)
 from modelyard.core.failover import build_chains
+from modelyard.core.lifecycle import LifecycleReporter
 from modelyard.core.loader import ModelLoader, ResolveSource
 from modelyard.core.pipeline import Answer, InferencePipeline, StreamAnswer
 from modelyard.core.plugins import PluginHost, PluginRecord
 from modelyard.core.probes import Sleeper
 from modelyard.core.registry import ModelRegistry, ModelVersion, VersionState
+from modelyard.core.residency import Residency
 from modelyard.core.response_cache import CacheDirective, ResponseCache
 from modelyard.core.routing import Router
 from modelyard.core.settings import ModelSpec, Settings, cache_dir_of, resolve_models
@@ -49,6 +54,8 @@ from modelyard.core.views import (
     Readiness,
     SafetyReport,
     VersionView,
+    index_rows,
+    model_cards,
     version_view,
 )
 
@@ -90,19 +97,30 @@ class InferenceService:
         self._loading: asyncio.Task[None] | None = None
         self.started_at = 0.0
         self.started_wall = time.time()
+        #: Typed server events (states, load progress, swaps, canaries, breakers, batches).
+        self.events = EventBus()
         canaries = Canaries(settings.server, self.telemetry)
+        self._reporter = LifecycleReporter(plugins, self.events)
+        canaries.on_change = self._reporter.canary_changed
         self._router = Router(
             self._registry, build_chains(settings.aliases, versions), canaries
         )
         loader = ModelLoader(
             resolve_source=source_resolver or SourceResolver(plugins.source_schemes),
             cache_dir=self.cache_dir, telemetry=self.telemetry, clock=clock,
-            response_cache=lambda: self._cache,
+            response_cache=lambda: self._cache, on_progress=self._reporter.load_progress,
         )
         self._deployments = Deployments(
             settings.server, self._registry, loader, canaries, backends=plugins.backends,
-            telemetry=self.telemetry, clock=clock, on_state=self._state_changed, sleep=sleep,
+            telemetry=self.telemetry, clock=clock, on_state=self._reporter.state_changed,
+            sleep=sleep, events=self.events,
         )
+        self._residency = Residency(
+            settings.server, self._registry, self._deployments, self.telemetry,
+            on_demand=frozenset(s.name for s in self._specs if s.on_demand), clock=clock,
+            sleep=sleep,
+        )
+        self._router.residency = self._residency
         self._pipeline = InferencePipeline(
             settings, self._registry, self._router, canaries, self.telemetry,
             response_cache=lambda: self._cache,
@@ -136,6 +154,7 @@ class InferenceService:
         self._plugins.server_startup(self._context)
         self._deployments.register(self._specs)
         self._deployments.start_probes()
+        self._residency.start()
         self._loading = asyncio.get_running_loop().create_task(
             self._deployments.load_all(self._specs)
         )
@@ -164,9 +183,11 @@ class InferenceService:
                 pass
         self._plugins.server_shutdown(self._context)
         await self._deployments.stop_probes()
+        await self._residency.stop()
         await self._deployments.release_all()
         if self._cache is not None:
             await self._cache.close()
+        self.events.close()
 
     async def _open_cache(self) -> ResponseCache | None:
         if not self.settings.cache.enabled:
@@ -178,17 +199,6 @@ class InferenceService:
         if cache is None:
             raise ConfigError("$.cache: install modelyard[cache] (no plugin provides the cache)")
         return cache
-
-    def _state_changed(
-        self, version: ModelVersion, old: VersionState | None, new: VersionState
-    ) -> None:
-        log.info(
-            "model %s version %s: %s -> %s", version.name, version.version,
-            old.value if old else "-", new.value,
-            extra={"model": version.name, "version": version.version,
-                   "old_state": old.value if old else None, "new_state": new.value},
-        )
-        self._plugins.model_version_state_changed(version_view(version), old, new)
 
     # -- status --------------------------------------------------------------------------
 
@@ -238,20 +248,22 @@ class InferenceService:
 
     def task_of(self, model: str, version: str | None = None) -> Task | None:
         """The task a request for ``model`` must be (404/503 when nothing can answer)."""
-        return self._router.resolve(model, version).task
+        unloaded = self._residency.target(model, version)
+        if unloaded is None or unloaded.serving:
+            return self._router.resolve(model, version).task
+        if unloaded.task is None:  # known once it has loaded (or from config)
+            raise ModelNotReadyError(
+                f"model {model!r} loads on demand and its task is unknown until it has "
+                "loaded: set task in its config, or load it first "
+                f"(POST /v2/repository/models/{model}/load)", retry_after=1,
+            )
+        return unloaded.task
 
     # -- what callers may see ------------------------------------------------------------
 
     def model_cards(self, principal: Principal) -> list[ModelCard]:
-        """Models that can answer now (their active version serving) and the caller may see."""
-        cards = []
-        for entry in self._registry:
-            active = entry.active
-            if active is None or not active.serving or not principal.may_use(entry.name):
-                continue
-            cards.append(ModelCard(name=entry.name, version=active.version, task=active.task,
-                                   backend=active.spec.backend.name))
-        return cards
+        """Models the caller may see that can answer now, or once loaded on demand."""
+        return model_cards(self._registry, principal)
 
     def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         """What ``name`` (a model, or an alias through the version it reaches first) serves."""
@@ -282,15 +294,7 @@ class InferenceService:
 
     def repository_index(self, principal: Principal) -> list[IndexRow]:
         """Every version of every model the caller may see, with its v2 repository state."""
-        rows = []
-        for entry in self._registry:
-            if not principal.may_use(entry.name):
-                continue
-            for v in entry.versions.values():
-                state, reason = _index_state(v)
-                rows.append(IndexRow(name=entry.name, version=v.version, state=state,
-                                     reason=reason))
-        return rows
+        return index_rows(self._registry, principal)
 
     def model_views(self) -> list[ModelView]:
         return [self._deployments.model_view(entry) for entry in self._registry]
@@ -301,6 +305,7 @@ class InferenceService:
             models=[m for m in self.model_views() if principal.may_use(m.name)],
             aliases=[a for a in self._router.alias_views() if principal.may_use(a.name)],
             ready=self.ready(),
+            memory=self._residency.view(),
         )
 
     def version_view(self, name: str, version: str) -> VersionView:
@@ -314,8 +319,13 @@ class InferenceService:
     async def load_model(self, name: str) -> None:
         """(Re)load every version of ``name`` that is not serving (v2 repository load).
 
-        503 when none of its versions serves afterwards.
+        503 when none of its versions serves afterwards. For an on-demand model: the version
+        a request would get, loaded within the memory budget (503 when it cannot be met).
         """
+        on_demand = self._residency.target(name, None)
+        if on_demand is not None:
+            await self._residency.load(on_demand)
+            return
         entry = await self._deployments.load_model(name)
         failed = [v for v in entry.versions.values() if v.state == VersionState.FAILED]
         if failed and not any(v.serving for v in entry.versions.values()):
@@ -368,12 +378,3 @@ class InferenceService:
         if self._cache is None:
             raise ConflictError("the response cache is disabled ([cache] enabled = false)")
         return self._cache
-
-
-def _index_state(version: ModelVersion) -> tuple[str, str]:
-    if version.serving:
-        return "READY", ""
-    if version.state == VersionState.LOADING:
-        return "LOADING", version.phase
-    return "UNAVAILABLE", version.error or (version.state.value if version.state else "")
-

@@ -21,6 +21,7 @@ from modelyard.core.cache_settings import CacheSettings
 from modelyard.core.cors_settings import CorsSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.integrity import with_pin
+from modelyard.core.jobs.settings import BatchSettings
 from modelyard.core.limits import LimitSettings
 from modelyard.core.probes import ProbeSettings
 from modelyard.core.types import Task
@@ -78,6 +79,14 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     probe_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
     #: Probe every serving version this often (seconds); 0 turns periodic probes off.
     probe_interval_s: Annotated[float, Meta(ge=0)] = 0.0
+    #: Bytes every loaded version together may hold (as backends report it, see
+    #: ``Backend.memory_bytes``); an on-demand load evicts idle models to stay within it, or
+    #: is refused with 503. None: no limit.
+    memory_budget_bytes: Annotated[int, Meta(ge=1)] | None = None
+    #: Versions loaded at once, startup ones included; None: no limit.
+    max_loaded_models: Annotated[int, Meta(ge=1)] | None = None
+    #: How long a request waits for an on-demand model to load before 503 (the load goes on).
+    load_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
 
 
 class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -116,6 +125,14 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     #: Pins the content (a file's sha256, or a folder's listing digest); a mismatch fails the
     #: load naming both digests. Same as ending ``source`` with ``#sha256=HEX``.
     sha256: Annotated[str, Meta(pattern=r"^[0-9A-Fa-f]{64}$")] | None = None
+    #: ``startup``: loaded when the server starts, never evicted. ``on_demand``: loaded by the
+    #: first request for it, unloaded when idle for ``keep_alive_s`` or to make room.
+    load: Literal["startup", "on_demand"] = "startup"
+    #: On-demand models: idle seconds before unloading; 0 unloads as soon as it is idle; a
+    #: negative value keeps it loaded until its room is needed (as ollama's keep_alive).
+    keep_alive_s: float = 300.0
+    #: On-demand models: once loaded, never evicted nor unloaded when idle.
+    pinned: bool = False
 
 
 class AliasSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -139,6 +156,8 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitSettings = field(default_factory=LimitSettings)
     #: Browser origins allowed to call the API (CORS); none by default.
     cors: CorsSettings = field(default_factory=CorsSettings)
+    #: The OpenAI Files and Batch API: data directory, limits, retries, quotas, expiry.
+    batches: BatchSettings = field(default_factory=BatchSettings)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
@@ -157,6 +176,13 @@ class ModelSpec(Struct, frozen=True, kw_only=True):
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     probe_interval_s: float | None = None
+    load: Literal["startup", "on_demand"] = "startup"
+    keep_alive_s: float = 300.0
+    pinned: bool = False
+
+    @property
+    def on_demand(self) -> bool:
+        return self.load == "on_demand"
 
 
 def cache_dir_of(settings: Settings) -> Path:
@@ -273,6 +299,9 @@ def resolve_models(
                 breaker=entry.breaker,
                 probe=entry.probe,
                 probe_interval_s=entry.probe_interval_s,
+                load=entry.load,
+                keep_alive_s=entry.keep_alive_s,
+                pinned=entry.pinned,
             )
         )
     # A name with no version marked active serves its first listed version.

@@ -77,6 +77,21 @@ class Telemetry:
 
     def model_loaded(self, version: ModelVersion, seconds: float) -> None:
         self.metrics.for_version(version).load_duration.observe(seconds)
+        self.metrics.loads.labels(version.name, "loaded").inc()
+
+    def model_load_failed(self, version: ModelVersion) -> None:
+        self.metrics.loads.labels(version.name, "failed").inc()
+
+    def model_evicted(self, version: ModelVersion, reason: str) -> None:
+        """``reason``: ``idle`` (past its keep-alive) or ``budget`` (room for another load)."""
+        self.metrics.evictions.labels(version.name, reason).inc()
+
+    def load_waited(self, version: ModelVersion, seconds: float) -> None:
+        """A request waited ``seconds`` for ``version``'s on-demand load (or gave up then)."""
+        self.metrics.load_wait.labels(version.name).observe(seconds)
+
+    def memory_limits(self, budget_bytes: int | None, max_loaded: int | None) -> None:
+        self.metrics.memory_limits(budget_bytes, max_loaded)
 
     def swapped(self, model: str) -> None:
         self.metrics.model_swapped(model)

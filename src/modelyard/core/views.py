@@ -10,14 +10,16 @@ from typing import Any
 
 from msgspec import Struct, field
 
+from modelyard.core.auth import Principal
 from modelyard.core.backend import BackendInfo
 from modelyard.core.canary import CanaryView
-from modelyard.core.registry import ModelVersion, VersionHealth
+from modelyard.core.registry import ModelRegistry, ModelVersion, VersionHealth, VersionState
 from modelyard.core.types import Task
 
 __all__ = [
     "AliasView",
     "IndexRow",
+    "MemoryView",
     "ModelCard",
     "ModelMetadata",
     "ModelView",
@@ -26,6 +28,8 @@ __all__ = [
     "SafetyCheck",
     "SafetyReport",
     "VersionView",
+    "index_rows",
+    "model_cards",
     "version_view",
 ]
 
@@ -46,6 +50,14 @@ class VersionView(Struct, frozen=True, kw_only=True):
     breaker: dict[str, Any]
     #: The last probe's verdict (warm-up, swap safety, periodic); None until first probed.
     health: VersionHealth | None = None
+    #: ``startup`` (loaded at start) or ``on_demand`` (loaded when asked for).
+    load: str = "startup"
+    #: Never evicted, never unloaded when idle (a startup version always is).
+    pinned: bool = True
+    #: Memory it holds now, as its backend reports it; 0 while not loaded.
+    memory_bytes: int = 0
+    #: Requests it is serving now.
+    in_flight: int = 0
 
 
 class ModelView(Struct, frozen=True, kw_only=True):
@@ -71,12 +83,26 @@ class AliasView(Struct, frozen=True, kw_only=True):
     target_states: dict[str, str]
 
 
+class MemoryView(Struct, frozen=True, kw_only=True):
+    """The server's memory budget: what loaded versions hold against the limits."""
+
+    #: Bytes every loaded version holds together (their backends' ``memory_bytes``).
+    used_bytes: int
+    #: ``server.memory_budget_bytes``; None: no limit.
+    budget_bytes: int | None
+    #: Versions loaded now.
+    loaded: int
+    #: ``server.max_loaded_models``; None: no limit.
+    max_loaded: int | None
+
+
 class Overview(Struct, frozen=True, kw_only=True):
-    """``GET /admin/models``: the models and aliases a caller may see, and readiness."""
+    """``GET /admin/models``: the models and aliases a caller may see, readiness and memory."""
 
     models: list[ModelView]
     aliases: list[AliasView]
     ready: bool
+    memory: MemoryView
 
 
 class Readiness(Struct, frozen=True, kw_only=True):
@@ -111,7 +137,7 @@ class SafetyReport(Struct, frozen=True, kw_only=True):
 
 
 class ModelCard(Struct, frozen=True, kw_only=True):
-    """A model that can answer now (``/v1/models``)."""
+    """A model that can answer now, or once loaded on demand (``/v1/models``)."""
 
     name: str
     version: str
@@ -160,4 +186,44 @@ def version_view(version: ModelVersion) -> VersionView:
         parameters=info.parameters if info else {},
         breaker=version.breaker.snapshot(),
         health=version.health,
+        load=version.spec.load,
+        pinned=version.spec.pinned or not version.spec.on_demand,
+        memory_bytes=version.held_bytes,
+        in_flight=version.in_flight,
     )
+
+
+def model_cards(registry: ModelRegistry, principal: Principal) -> list[ModelCard]:
+    """Models the caller may use that can answer now, or after a load on demand."""
+    cards = []
+    for entry in registry:
+        if not principal.may_use(entry.name):
+            continue
+        found = entry.active or next((v for v in entry.versions.values() if v.spec.active), None)
+        if found is None or not (found.serving or found.spec.on_demand):
+            continue
+        cards.append(ModelCard(name=entry.name, version=found.version, task=found.task,
+                               backend=found.spec.backend.name))
+    return cards
+
+
+def index_rows(registry: ModelRegistry, principal: Principal) -> list[IndexRow]:
+    """Every version of every model the caller may see, with its v2 repository state."""
+    rows = []
+    for entry in registry:
+        if not principal.may_use(entry.name):
+            continue
+        for v in entry.versions.values():
+            state, reason = _index_state(v)
+            rows.append(IndexRow(name=entry.name, version=v.version, state=state, reason=reason))
+    return rows
+
+
+def _index_state(version: ModelVersion) -> tuple[str, str]:
+    if version.serving:
+        return "READY", ""
+    if version.state == VersionState.LOADING:
+        return "LOADING", version.phase
+    if version.spec.on_demand and version.state == VersionState.UNLOADED:
+        return "UNAVAILABLE", "unloaded; loads on its first request (load = on_demand)"
+    return "UNAVAILABLE", version.error or (version.state.value if version.state else "")

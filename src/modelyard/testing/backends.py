@@ -82,6 +82,10 @@ class EchoBackend(Backend):
         self.max_batch_size = self.options.max_batch_size
         self.calls: list[int] = []
 
+    def memory_bytes(self) -> int:
+        """Fakes hold no weights (their ``source`` is often ``.``, not a model folder)."""
+        return 0
+
     def info(self) -> BackendInfo:
         return BackendInfo(
             inputs=[TensorSpec("INPUT0", "FP32", (-1, -1))],

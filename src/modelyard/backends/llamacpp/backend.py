@@ -19,7 +19,7 @@ from modelyard.backends.llamacpp.templates import (
     TemplateOverrunError,
     TemplateRefusedError,
 )
-from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext
+from modelyard.core.backend import Backend, BackendInfo, HealthReport, LoadContext, files_size
 from modelyard.core.errors import (
     BackendError,
     BadRequestError,
@@ -133,6 +133,15 @@ class GGUFBackend(Backend):
         if engine is not None:
             await engine.stop()  # the engine thread frees llama.cpp on its way out
         self._runtime = None
+
+    def memory_bytes(self) -> int:
+        """The weights (llama.cpp's tensor total, at least the file's size) plus the KV cache
+        of every slot's context."""
+        runtime, header = self._runtime, self.header
+        if runtime is None or header is None:
+            return super().memory_bytes()
+        weights = max(files_size(Path(header.path)), runtime.weights_bytes)
+        return weights + runtime.kv_cache_bytes
 
     async def health(self) -> HealthReport:
         if self._engine is None or not self._engine.alive:

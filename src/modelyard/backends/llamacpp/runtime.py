@@ -219,6 +219,26 @@ class LlamaRuntime:
         self.threads = threads
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._memory = lib.llama_get_memory(self.ctx) if hasattr(lib, "llama_get_memory") else None
+        #: llama.cpp's own total of the model's tensors.
+        self.weights_bytes = int(lib.llama_model_size(self.model))
+        self.kv_cache_bytes = self._kv_cache_bytes(int(lib.llama_n_ctx(self.ctx)))
+
+    def _kv_cache_bytes(self, n_ctx: int) -> int:
+        """The KV cache the context allocated: K and V of every layer for every cell, in
+        llama.cpp's default f16 (2 bytes); an estimate, since llama.cpp does not report it
+        (sliding-window layers hold less). Encoder-only models keep no cache."""
+        lib = self.lib
+        if self.encoder_only or not hasattr(lib, "llama_model_n_head"):
+            return 0
+        n_head = int(lib.llama_model_n_head(self.model))
+        if n_head <= 0:  # a recurrent model (Mamba, RWKV): its state is small and fixed
+            return 0
+        n_head_kv = (
+            int(lib.llama_model_n_head_kv(self.model))
+            if hasattr(lib, "llama_model_n_head_kv") else n_head
+        )
+        head_dim = self.n_embd // n_head
+        return n_ctx * self.n_layer * 2 * n_head_kv * head_dim * 2
 
     def close(self) -> None:
         """Free the batch, context and model (engine thread, after its last decode)."""
