@@ -19,6 +19,14 @@ from modelyard.testing.backends import (
 )
 from modelyard.testing.clock import FakeClock
 from modelyard.testing.server import LiveServer, run_live_server
+from modelyard.testing.soak import (
+    LoadReport,
+    ProcessSample,
+    metric_value,
+    process_sampling_available,
+    run_load,
+    sample_process,
+)
 
 if TYPE_CHECKING:
     from modelyard.testing.conformance import (
@@ -41,9 +49,15 @@ __all__ = [
     "FakeClock",
     "HangingBackend",
     "LiveServer",
+    "LoadReport",
+    "ProcessSample",
     "SlowBackend",
     "SourceSchemeConformance",
+    "metric_value",
+    "process_sampling_available",
     "run_live_server",
+    "run_load",
+    "sample_process",
 ]
 
 _CONFORMANCE = frozenset(
