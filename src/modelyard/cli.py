@@ -21,6 +21,7 @@ from modelyard.core.plugins import PluginHost
 from modelyard.core.settings import Settings, cache_dir_of, load_settings, resolve_models
 from modelyard.core.sources import SourceResolver
 from modelyard.plugins.keys_cli import keys_cmd
+from modelyard.plugins.load_cli import load_cmd
 from modelyard.plugins.store.commands import lock_cmd, pull_cmd, store_model_commands
 from modelyard.plugins.store.lock import serve_resolver
 
@@ -350,6 +351,7 @@ cli.add_command(pull_cmd)
 cli.add_command(lock_cmd)
 for _store_cmd in store_model_commands:  # models ls / rm NAME / verify [NAME]
     models_cmd.add_command(_store_cmd)
+models_cmd.add_command(load_cmd)  # models load NAME --url URL [--follow]
 
 
 def main() -> None:

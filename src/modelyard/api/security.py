@@ -119,6 +119,17 @@ POLICIES: Mapping[str, Policy] = {
     "POST /v1/completions": Policy(_N, "body"),
     "POST /v1/embeddings": Policy(_N, "body"),
     "POST /v1/classify": Policy(_N, "body"),
+    # Files and batches: callers with INFER use their own (api/batches.py filters by owner;
+    # an admin sees all); each line's model is checked against the scopes at batch creation.
+    "POST /v1/files": Policy(_N),
+    "GET /v1/files": Policy(_N),
+    "GET /v1/files/{file_id}": Policy(_N),
+    "GET /v1/files/{file_id}/content": Policy(_N),
+    "DELETE /v1/files/{file_id}": Policy(_N),
+    "POST /v1/batches": Policy(_N),
+    "GET /v1/batches": Policy(_N),
+    "GET /v1/batches/{batch_id}": Policy(_N),
+    "POST /v1/batches/{batch_id}/cancel": Policy(_N),
     "GET /admin/models": Policy(_I),
     "POST /admin/models/{name}/versions": Policy(_O, "path", "version.add"),
     "GET /admin/models/{name}/versions/{version}": Policy(_I, "path"),
@@ -292,6 +303,12 @@ class Security:
     def enabled(self) -> bool:
         return bool(self.providers)
 
+    def policy_of(self, method: str, path_template: str) -> Policy | None:
+        """The policy of a route, a plugin's under /ext/ included; None when it has none."""
+        return policy_for(method, path_template) or self._extension_policies.get(
+            f"{method} {path_template}"
+        )
+
     def check_bind(self, host: str) -> None:
         """Refuse to serve without auth on anything but loopback, unless forced in config."""
         if not self.enabled:
@@ -311,9 +328,7 @@ class Security:
         scope = connection.scope
         method = str(scope.get("method", ""))
         template = str(scope.get("path_template", ""))
-        policy = policy_for(method, template) or self._extension_policies.get(
-            f"{method} {template}"
-        )
+        policy = self.policy_of(method, template)
         if policy is None:
             log.error("no access policy for %s %s: refused", method, template)
             raise ForbiddenError("no access policy covers this route")
@@ -340,9 +355,38 @@ class Security:
         target: str,
         context: _Context,
     ) -> Principal:
+        header = connection.headers.get("authorization", "")
+        return await self._authenticate_header(header, client, target, context)
+
+    async def authenticate_socket(
+        self,
+        connection: ASGIConnection[Any, Any, Any, Any],
+        permission: Permission,
+        *,
+        token: str | None = None,
+    ) -> Principal:
+        """Authenticate, rate-limit and authorise a WebSocket, which ``before_request`` does
+        not see (Litestar runs it for HTTP handlers only).
+
+        The same providers as HTTP: the ``Authorization`` header, else ``token`` (a bearer
+        token the client sent in its first message). Raises the refusal like the HTTP check.
+        """
+        client = connection.client.host if connection.client else ""
+        target = f"WEBSOCKET {connection.scope.get('root_path', '')}{connection.scope['path']}"
+        context = _Context(client=client)
+        header = connection.headers.get("authorization", "") or (
+            f"Bearer {token}" if token else ""
+        )
+        principal = await self._authenticate_header(header, client, target, context)
+        self._charge(principal, client, context)
+        self._authorize(principal, Policy(permission), client, target)
+        return principal
+
+    async def _authenticate_header(
+        self, header: str, client: str, target: str, context: _Context
+    ) -> Principal:
         if not self.enabled:
             return self._anonymous
-        header = connection.headers.get("authorization", "")
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         if not header:
