@@ -19,7 +19,13 @@ from modelyard.core.types import (
     InferenceResult,
     Task,
 )
-from modelyard.testing import CountingBackend, EchoOptions, FakeClock, HangingBackend
+from modelyard.testing import (
+    CountingBackend,
+    EchoOptions,
+    FakeClock,
+    HangingBackend,
+    StuckBackend,
+)
 
 
 def _context(**options: Any) -> LoadContext:
@@ -407,25 +413,6 @@ async def test_the_backends_max_batch_size_caps_a_larger_setting(make_batcher: A
 
 
 # -- callers that leave, calls that outlive them ------------------------------------------------
-
-
-class StuckBackend(HangingBackend):
-    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing."""
-
-    name = "stuck"
-
-    def __init__(self, context: LoadContext) -> None:
-        super().__init__(context)
-        self.ignored_cancels = 0
-
-    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        self.calls.append(len(batch))
-        while not self.release.is_set():
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                self.ignored_cancels += 1
-        return [self._answer(r) for r in batch]
 
 
 async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:

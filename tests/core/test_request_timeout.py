@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from modelyard import hookimpl
-from modelyard.core.backend import Backend
 from modelyard.core.errors import QueueFullError, ServiceUnavailableError, TimeoutError_
 from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelVersion
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
-from modelyard.core.types import EmbeddingRequest, InferenceRequest, InferenceResult
-from modelyard.testing import FakeClock, HangingBackend
+from modelyard.core.types import EmbeddingRequest
+from modelyard.testing import FakeClock, HangingBackend, StuckBackend
 
 REQ = EmbeddingRequest(("x",))
 
@@ -64,28 +62,6 @@ async def test_model_timeout_ms_gives_504_and_the_queued_request_is_skipped(
 # -- the burst of issue 19: breaker off, queue 8, batch 2, a hanging backend -------------------
 
 
-class StuckBackend(HangingBackend):
-    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing."""
-
-    name = "stuck"
-
-    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        self.calls.append(len(batch))
-        while not self.release.is_set():
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                continue
-        return [self._answer(r) for r in batch]
-
-
-class _Plugin:
-    @staticmethod
-    @hookimpl
-    def register_backends(register: Callable[[type[Backend]], None]) -> None:
-        register(StuckBackend)
-
-
 Start = Callable[..., Any]
 
 
@@ -93,7 +69,6 @@ Start = Callable[..., Any]
 async def start(
     plugin_host: PluginHost, make_settings: Callable[..., Settings], fake_clock: FakeClock
 ) -> AsyncIterator[Start]:
-    plugin_host.register(_Plugin(), name="stuck-backend")
     started: list[InferenceService] = []
 
     async def run(backend: str, **breaker: Any) -> InferenceService:
@@ -116,7 +91,6 @@ async def start(
             if isinstance(version.backend, HangingBackend):
                 version.backend.open_gate()
             await service.stop()
-        plugin_host.unregister("stuck-backend")
 
 
 async def _burst(service: InferenceService, n: int = 20) -> list[BaseException]:

@@ -11,48 +11,23 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from modelyard import hookimpl
 from modelyard.api.app import create_app
-from modelyard.core.backend import Backend
 from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelVersion
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
-from modelyard.core.types import InferenceRequest, InferenceResult
-from modelyard.testing import FakeClock, HangingBackend, LiveServer, run_live_server
+from modelyard.testing import FakeClock, HangingBackend, LiveServer, StuckBackend, run_live_server
 
 BURST = 20
 QUEUE = 8
 BODY = {"model": "h", "input": "x"}
-
-
-class StuckBackend(HangingBackend):
-    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing."""
-
-    name = "stuck"
-
-    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        self.calls.append(len(batch))
-        while not self.release.is_set():
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                continue
-        return [self._answer(r) for r in batch]
-
-
-class _Plugin:
-    @staticmethod
-    @hookimpl
-    def register_backends(register: Callable[[type[Backend]], None]) -> None:
-        register(StuckBackend)
 
 
 @dataclass
@@ -71,7 +46,6 @@ def live(
     request: pytest.FixtureRequest, plugin_host: PluginHost,
     make_settings: Callable[..., Settings], fake_clock: FakeClock,
 ) -> Iterator[Live]:
-    plugin_host.register(_Plugin(), name="stuck-backend")
     settings = make_settings(models=[{
         "name": "h", "backend": request.param, "source": ".", "task": "embeddings",
         "batching": {"max_batch_size": 2, "max_queue_size": QUEUE, "timeout_ms": 300},
@@ -79,18 +53,15 @@ def live(
     }])
     service = InferenceService(settings, plugin_host, clock=fake_clock)
     app = create_app(settings, plugins=plugin_host, service=service)
-    try:
-        with run_live_server(app) as server:
-            _wait(service.ready, "the server to be ready")
-            live = Live(server, service, fake_clock)
-            try:
-                yield live
-            finally:
-                backend = live.version.backend
-                if isinstance(backend, HangingBackend):
-                    backend.open_gate()
-    finally:
-        plugin_host.unregister("stuck-backend")
+    with run_live_server(app) as server:
+        _wait(service.ready, "the server to be ready")
+        live = Live(server, service, fake_clock)
+        try:
+            yield live
+        finally:
+            backend = live.version.backend
+            if isinstance(backend, HangingBackend):
+                backend.open_gate()
 
 
 def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:

@@ -49,7 +49,7 @@ def test_fake_clock_moves_only_when_told(fake_clock: FakeClock) -> None:
 
 
 def test_plugin_host_fixture_holds_exactly_the_fakes(plugin_host: PluginHost) -> None:
-    assert set(plugin_host.backends) == {"echo", "slow", "failing", "hanging", "counting"}
+    assert set(plugin_host.backends) == {"echo", "slow", "failing", "hanging", "stuck", "counting"}
     assert [r.name for r in plugin_host.records] == ["testing"]
 
 

@@ -16,6 +16,7 @@ from modelyard.testing.backends import (
     FailingBackend,
     HangingBackend,
     SlowBackend,
+    StuckBackend,
 )
 from modelyard.testing.clock import FakeClock
 from modelyard.testing.server import LiveServer, run_live_server
@@ -52,6 +53,7 @@ __all__ = [
     "LoadReport",
     "ProcessSample",
     "SlowBackend",
+    "StuckBackend",
     "SourceSchemeConformance",
     "metric_value",
     "process_sampling_available",

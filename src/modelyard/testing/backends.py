@@ -39,6 +39,7 @@ __all__ = [
     "FailingBackend",
     "HangingBackend",
     "SlowBackend",
+    "StuckBackend",
 ]
 
 ALL_TASKS = frozenset(Task)
@@ -238,6 +239,27 @@ class HangingBackend(EchoBackend):
         await self.release.wait()
         yield StreamChunk(text="", finish_reason="stop")
 
+
+
+class StuckBackend(HangingBackend):
+    """A call that cannot be interrupted (a native call in a thread): cancelling does nothing
+    until ``open_gate``; for the engine's stuck-call handling."""
+
+    name = "stuck"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        #: Cancellations the call shrugged off.
+        self.ignored_cancels = 0
+
+    async def infer(self, batch: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        self.calls.append(len(batch))
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.ignored_cancels += 1
+        return [self._answer(r) for r in batch]
 
 class CountingBackend(EchoBackend):
     """An echo that records every batch size it was given in ``calls`` (per instance)."""

@@ -15,12 +15,13 @@ from modelyard.testing.backends import (
     FailingBackend,
     HangingBackend,
     SlowBackend,
+    StuckBackend,
 )
 
 __all__ = ["FAKE_BACKENDS", "PLUGIN_NAME", "add_named_fakes", "register_backends"]
 
 FAKE_BACKENDS: tuple[type[Backend], ...] = (
-    EchoBackend, SlowBackend, FailingBackend, HangingBackend, CountingBackend,
+    EchoBackend, SlowBackend, FailingBackend, HangingBackend, StuckBackend, CountingBackend,
 )
 #: The name the fakes register under in a PluginHost (``modelyard plugins`` shows it).
 PLUGIN_NAME = "testing"
