@@ -107,7 +107,8 @@ class BatchingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
 class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     name: ModelName
     backend: str
-    #: A path, ``demo:NAME`` or ``pypi:DIST/relative/path``.
+    #: A path (relative to the config file), or ``SCHEME:REFERENCE`` for a registered source
+    #: scheme: ``demo:``, ``pypi:``, ``hf:``, ``https:``, ``store:`` (docs/models.md).
     source: str
     version: VersionLabel = "1"
     task: Task | None = None
