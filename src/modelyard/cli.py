@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelyard._version import __version__
+from modelyard.batch_cli import batch_cmd
 from modelyard.core.errors import ConfigError, ModelyardError
 from modelyard.core.plugins import PluginHost
 from modelyard.core.settings import Settings, cache_dir_of, load_settings, resolve_models
@@ -349,6 +350,7 @@ def demo_prepare() -> None:
 cli.add_command(keys_cmd)
 cli.add_command(pull_cmd)
 cli.add_command(lock_cmd)
+cli.add_command(batch_cmd)  # batch run INPUT.jsonl --out OUTPUT.jsonl
 for _store_cmd in store_model_commands:  # models ls / rm NAME / verify [NAME]
     models_cmd.add_command(_store_cmd)
 models_cmd.add_command(load_cmd)  # models load NAME --url URL [--follow]

@@ -156,7 +156,7 @@ def test_unknown_backend_lists_the_installed_ones(plugin_host: PluginHost) -> No
     detail = _resolve_error(plugin_host, {"models": [_model("a"), _model("b", backend="onx")]})
     assert detail == (
         "$.models[1].backend: unknown backend 'onx'; "
-        "installed: counting, echo, failing, hanging, slow"
+        "installed: counting, echo, failing, hanging, slow, stuck"
     )
 
 
