@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, NoReturn, cast
 
 import msgspec
 from litestar import Litestar, Request
@@ -482,17 +482,7 @@ class Security:
         if any(policy.permission in ROLE_PERMISSIONS.get(r, ()) for r in principal.roles):
             return
         roles = sorted(r for r, perms in ROLE_PERMISSIONS.items() if policy.permission in perms)
-        detail = f"this needs the role {' or '.join(roles)}"
-        self.audit.record(
-            "access.denied",
-            result="denied",
-            principal=principal.id,
-            target=target,
-            client=client,
-            status=403,
-            detail=detail,
-        )
-        raise ForbiddenError(detail)
+        self._deny(f"this needs the role {' or '.join(roles)}", principal, client, target)
 
     async def _check_model(
         self,
@@ -512,15 +502,13 @@ class Security:
             model = await _body_model(connection)
         if model_allowed(principal, model):
             return
-        detail = f"not allowed to use model {model!r}"
+        self._deny(f"not allowed to use model {model!r}", principal, client, target)
+
+    def _deny(self, detail: str, principal: Principal, client: str, target: str) -> NoReturn:
+        """Audit the refusal, then refuse with 403."""
         self.audit.record(
-            "access.denied",
-            result="denied",
-            principal=principal.id,
-            target=target,
-            client=client,
-            status=403,
-            detail=detail,
+            "access.denied", result="denied", principal=principal.id, target=target,
+            client=client, status=403, detail=detail,
         )
         raise ForbiddenError(detail)
 

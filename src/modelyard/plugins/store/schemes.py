@@ -20,34 +20,31 @@ from modelyard.plugins.store.store import ModelStore
 __all__ = ["HfSource", "HttpSource", "HttpsSource", "StoreSource"]
 
 
-class HfSource(SourceScheme):
+class _PulledSource(SourceScheme):
+    """A source pulled into the store on first use (unless offline), then served from it."""
+
+    verifies_pins = True
+
+    def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
+        return resolve_in_store(f"{self.name}:{reference}", cache_dir, progress)
+
+
+class HfSource(_PulledSource):
     """``hf:ORG/REPO[@REVISION][/PATH]``: a Hugging Face Hub file or folder."""
 
     name = "hf"
-    verifies_pins = True
-
-    def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
-        return resolve_in_store(f"hf:{reference}", cache_dir, progress)
 
 
-class HttpsSource(SourceScheme):
+class HttpsSource(_PulledSource):
     """``https://HOST/PATH#sha256=HEX``: a pinned URL (the pin may come from the server)."""
 
     name = "https"
-    verifies_pins = True
-
-    def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
-        return resolve_in_store(f"https:{reference}", cache_dir, progress)
 
 
-class HttpSource(SourceScheme):
+class HttpSource(_PulledSource):
     """``http://127.0.0.1/...``: plain http, for loopback hosts only."""
 
     name = "http"
-    verifies_pins = True
-
-    def resolve(self, reference: str, *, cache_dir: Path, progress: Progress) -> Path:
-        return resolve_in_store(f"http:{reference}", cache_dir, progress)
 
 
 class StoreSource(SourceScheme):

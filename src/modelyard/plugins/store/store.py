@@ -29,7 +29,7 @@ import msgspec
 from msgspec import Struct
 
 from modelyard.core.errors import ModelLoadError, ModelNotFoundError
-from modelyard.core.integrity import Pin, content_digest, file_digest, listing_digest
+from modelyard.core.integrity import Pin, check_pin, file_digest, listing_digest
 
 __all__ = [
     "ByteProgress",
@@ -260,14 +260,7 @@ class ModelStore:
         path = self.path_of(manifest)
         if not all((self.model_dir(manifest.name) / f.path).exists() for f in manifest.files):
             self._link_tree(manifest)
-        if pin is not None:
-            actual = content_digest(path, pin.algorithm)
-            if actual != pin.hex:
-                raise ModelLoadError(
-                    f"model source {source!r}: {pin.algorithm} mismatch: expected {pin.hex}, "
-                    f"actual {actual}"
-                )
-        return path
+        return check_pin(path, pin, source)
 
     def remove(self, name: str) -> tuple[int, int]:
         """Forget model ``name``; delete the blobs no other model uses. (blobs, bytes) freed."""
