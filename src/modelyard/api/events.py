@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from modelyard.api.openai import _SSE, ChatCompletionBody, _message_text, _params, _usage
+from modelyard.api.openai import _SSE, ChatCompletionBody, _usage, chat_request
 from modelyard.api.problems import client_detail
 from modelyard.api.security import Permission, Security
 from modelyard.core.auth import Principal
@@ -38,7 +38,7 @@ from modelyard.core.events import (
     kind_of,
 )
 from modelyard.core.service import InferenceService
-from modelyard.core.types import ChatMessage, ChatRequest, StreamChunk
+from modelyard.core.types import StreamChunk
 
 __all__ = [
     "CLOSE_FIRST_MESSAGE_TIMEOUT",
@@ -162,6 +162,27 @@ def _decode(text: str, kind: type[msgspec.Struct]) -> Any:
         raise BadRequestError(f"malformed message: {exc}") from None
 
 
+_First = TypeVar("_First", Subscribe, Auth)
+
+
+async def _accept(
+    socket: WebSocket[Any, Any, Any], security: Security, permission: Permission,
+    first_type: type[_First],
+) -> tuple[Principal, _First | None] | None:
+    """Authenticate from the ``Authorization`` header before accepting, or accept and take
+    the token from the client's first message (returned too); None when the client left."""
+    if socket.headers.get("authorization") or not security.enabled:
+        principal = await security.authenticate_socket(socket, permission)
+        await socket.accept()
+        return principal, None
+    await socket.accept()
+    text = await _first_text(socket)
+    if text is None:
+        return None
+    first = _decode(text, first_type)
+    return await security.authenticate_socket(socket, permission, token=first.token), first
+
+
 # -- /v1/events --------------------------------------------------------------------------
 
 
@@ -175,21 +196,11 @@ async def events_socket(socket: WebSocket[Any, Any, Any]) -> None:
     """
     security: Security = socket.app.state["security"]
     service: InferenceService = socket.app.state["service"]
-    has_header = bool(socket.headers.get("authorization")) or not security.enabled
     try:
-        first: Subscribe | None = None
-        if has_header:
-            principal = await security.authenticate_socket(socket, Permission.READ)
-            await socket.accept()
-        else:
-            await socket.accept()
-            text = await _first_text(socket)
-            if text is None:
-                return
-            first = _decode(text, Subscribe)
-            principal = await security.authenticate_socket(
-                socket, Permission.READ, token=first.token
-            )
+        accepted = await _accept(socket, security, Permission.READ, Subscribe)
+        if accepted is None:
+            return
+        principal, first = accepted
         wanted = _Filter(principal)
         if first is not None:
             wanted.set(first.kinds, first.models)
@@ -264,18 +275,10 @@ async def chat_socket(socket: WebSocket[Any, Any, Any]) -> None:
     security: Security = socket.app.state["security"]
     service: InferenceService = socket.app.state["service"]
     try:
-        if socket.headers.get("authorization") or not security.enabled:
-            principal = await security.authenticate_socket(socket, Permission.INFER)
-            await socket.accept()
-        else:
-            await socket.accept()
-            text = await _first_text(socket)
-            if text is None:
-                return
-            auth: Auth = _decode(text, Auth)
-            principal = await security.authenticate_socket(
-                socket, Permission.INFER, token=auth.token
-            )
+        accepted = await _accept(socket, security, Permission.INFER, Auth)
+        if accepted is None:
+            return
+        principal, _ = accepted
         text = await _first_text(socket)
         if text is None:
             return
@@ -292,11 +295,7 @@ async def chat_socket(socket: WebSocket[Any, Any, Any]) -> None:
 
 
 async def _start_chat(service: InferenceService, body: ChatCompletionBody) -> _Stream:
-    if not body.messages:
-        raise BadRequestError("messages must not be empty")
-    messages = tuple(ChatMessage(m.role, _message_text(m, i)) for i, m in enumerate(body.messages))
-    chat = ChatRequest(messages, _params(body, body.max_completion_tokens or body.max_tokens))
-    started = await service.stream(body.model, chat)
+    started = await service.stream(body.model, chat_request(body))
     return _Stream(_SSE("chat", started.version.name, include_usage=True), started.chunks)
 
 
