@@ -26,19 +26,13 @@ from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
 from modelyard.core.telemetry import Telemetry
+from modelyard.testing import wait_until
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_exit_signal_drains_in_flight_requests(make_settings, plugin_host: PluginHost) -> None:
@@ -54,7 +48,7 @@ def test_exit_signal_drains_in_flight_requests(make_settings, plugin_host: Plugi
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    _wait(lambda: server.started and service.ready(), "ready")
+    wait_until(lambda: server.started and service.ready(), "ready")
     results: list[int] = []
 
     def in_flight() -> None:
@@ -65,7 +59,7 @@ def test_exit_signal_drains_in_flight_requests(make_settings, plugin_host: Plugi
     client = threading.Thread(target=in_flight)
     client.start()
     backend = service.registry.get("h").backend
-    _wait(lambda: backend.calls == [1], "the request to reach the backend")
+    wait_until(lambda: backend.calls == [1], "the request to reach the backend")
     server.handle_exit(signal.SIGTERM, None)
     assert service.ready() is False  # at once, before anything has drained
     assert thread.is_alive()  # still serving the in-flight request
@@ -102,7 +96,7 @@ def test_sigterm_ends_the_cli_server_within_the_grace_period(tmp_path: Path) -> 
                 assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                 return False
 
-        _wait(ready, "the CLI server to become ready", timeout=60)
+        wait_until(ready, "the CLI server to become ready", timeout=60)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)

@@ -13,12 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from modelyard.testing import wait_until
+
+#: A subprocess server: poll less often, wait longer.
+POLL = {"timeout": 60.0, "interval": 0.05}
 
 LINES = 40
 
@@ -27,13 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _up(url: str) -> bool:
@@ -89,7 +86,7 @@ def test_sigkill_mid_job_resumes_without_duplicates_or_losses(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     first = serve(port)
-    _wait(lambda: _up(url), "the first server")
+    wait_until(lambda: _up(url), "the first server", **POLL)
     lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "slow", "messages": [{"role": "user", "content": f"n {i}"}]}}
              for i in range(LINES)]
@@ -108,17 +105,19 @@ def test_sigkill_mid_job_resumes_without_duplicates_or_losses(
             return int(client.get(f"/v1/batches/{batch_id}").json()
                        ["request_counts"]["completed"])
 
-        _wait(lambda: answered() >= 5, "some lines to be checkpointed")
+        wait_until(lambda: answered() >= 5, "some lines to be checkpointed", **POLL)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
 
     serve(port)
-    _wait(lambda: _up(url), "the restarted server")
+    wait_until(lambda: _up(url), "the restarted server", **POLL)
     with httpx.Client(base_url=url, timeout=10) as client:
         before = client.get(f"/v1/batches/{batch_id}").json()
         assert before["request_counts"]["completed"] < LINES, "the job finished before the kill"
-        _wait(lambda: client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed",
-              "the resumed job to complete")
+        wait_until(
+            lambda: client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed",
+            "the resumed job to complete", **POLL,
+        )
         batch = client.get(f"/v1/batches/{batch_id}").json()
         assert batch["request_counts"] == {"total": LINES, "completed": LINES, "failed": 0}
         output = client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()

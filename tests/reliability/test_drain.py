@@ -14,7 +14,6 @@ import logging
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +28,7 @@ from modelyard.api.server import DrainingServer
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
-from modelyard.testing import HangingBackend
+from modelyard.testing import HangingBackend, wait_until
 
 CLIENTS = 10
 GRACE_S = 2
@@ -40,13 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _refuses_new_connections(url: str) -> bool:
@@ -84,7 +76,7 @@ def test_requests_in_flight_past_the_grace_period_get_503_problem_json(
     backend: HangingBackend | None = None
     try:
         thread.start()
-        _wait(lambda: server.started and service.ready(), "ready")
+        wait_until(lambda: server.started and service.ready(), "ready")
         assert probe.get("/v2/health/ready").status_code == 200  # opens the connection
         backend = service.registry.get("h").backend  # type: ignore[assignment]
         assert isinstance(backend, HangingBackend)
@@ -94,10 +86,15 @@ def test_requests_in_flight_past_the_grace_period_get_503_problem_json(
 
         answers = [pool.submit(chat) for _ in range(CLIENTS)]
         hanging = backend
-        _wait(lambda: exchange.in_flight == CLIENTS and bool(hanging.calls), "requests in flight")
+        wait_until(
+            lambda: exchange.in_flight == CLIENTS and bool(hanging.calls), "requests in flight"
+        )
 
         server.handle_exit(signal.SIGTERM, None)
-        _wait(lambda: _refuses_new_connections(url), "the listening socket to close", GRACE_S)
+        wait_until(
+            lambda: _refuses_new_connections(url), "the listening socket to close",
+            timeout=GRACE_S,
+        )
         # Still within the grace period: the open connection answers, and says not ready.
         ready = probe.get("/v2/health/ready")
         assert ready.status_code == 503

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,14 @@ from modelyard.core.plugins import PluginHost
 from modelyard.core.registry import ModelVersion
 from modelyard.core.service import InferenceService
 from modelyard.core.settings import Settings
-from modelyard.testing import FakeClock, HangingBackend, LiveServer, StuckBackend, run_live_server
+from modelyard.testing import (
+    FakeClock,
+    HangingBackend,
+    LiveServer,
+    StuckBackend,
+    run_live_server,
+    wait_until,
+)
 
 BURST = 20
 QUEUE = 8
@@ -54,7 +60,7 @@ def live(
     service = InferenceService(settings, plugin_host, clock=fake_clock)
     app = create_app(settings, plugins=plugin_host, service=service)
     with run_live_server(app) as server:
-        _wait(service.ready, "the server to be ready")
+        wait_until(service.ready, "the server to be ready")
         live = Live(server, service, fake_clock)
         try:
             yield live
@@ -62,13 +68,6 @@ def live(
             backend = live.version.backend
             if isinstance(backend, HangingBackend):
                 backend.open_gate()
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _sample(metrics: str, name: str) -> float:

@@ -28,6 +28,7 @@ from modelyard.testing.soak import (
     run_load,
     sample_process,
 )
+from modelyard.testing.waiting import wait_until
 
 if TYPE_CHECKING:
     from modelyard.testing.conformance import (
@@ -60,6 +61,7 @@ __all__ = [
     "run_live_server",
     "run_load",
     "sample_process",
+    "wait_until",
 ]
 
 _CONFORMANCE = frozenset(
