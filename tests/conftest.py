@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["_services"]
+
 from modelyard.core.plugins import ALLOW_ENV
 
 #: ``install(dist, version, modules={name: source}, entry_points={ep_name: "module"})``

@@ -105,6 +105,14 @@ def cli() -> None:
 )
 @click.option("--locked", is_flag=True, help="Load only what modelyard.lock beside CONFIG lists.")
 @click.option("--offline", is_flag=True, help="Never touch the network (sets HF_HUB_OFFLINE=1).")
+@click.option(
+    "--engine", type=click.Choice(["local", "ray"]), default=None,
+    help="Serve from this process (local) or over Ray Serve (ray); overrides [cluster] engine.",
+)
+@click.option(
+    "--ray-address", metavar="ADDRESS", default=None,
+    help='With --engine ray: "local" (start Ray), "auto" (join this machine\'s), or ray://HOST:PORT.',
+)
 def serve(
     config: str | None,
     host: str | None,
@@ -114,6 +122,8 @@ def serve(
     otlp_endpoint: str | None,
     locked: bool,
     offline: bool,
+    engine: str | None,
+    ray_address: str | None,
 ) -> None:
     """Serve the models of CONFIG (or the demo models) over HTTP."""
     from modelyard.api.app import create_app
@@ -136,7 +146,12 @@ def serve(
         log_level=log_level or settings.server.log_level,
         log_format=log_format or settings.server.log_format,
     )
-    settings = msgspec.structs.replace(settings, server=server)
+    cluster = msgspec.structs.replace(
+        settings.cluster,
+        engine=engine or settings.cluster.engine,
+        address=ray_address or settings.cluster.address,
+    )
+    settings = msgspec.structs.replace(settings, server=server, cluster=cluster)
     try:  # before any demo download: auth off on a non-loopback address is refused
         check_bind(settings.auth, server.host)
     except ModelyardError as exc:

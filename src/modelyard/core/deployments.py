@@ -192,6 +192,17 @@ class Deployments:
         task: Task | None = None, options: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Register a new version and load it in the background (it does not become active)."""
+        version = self.register_version(
+            name, version_label, source, backend=backend, task=task, options=options
+        )
+        self._spawn(self._load_locked(version))
+        return version
+
+    def register_version(
+        self, name: str, version_label: str, source: str, *, backend: str | None = None,
+        task: Task | None = None, options: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a new version, loading (its load is the caller's to start)."""
         entry = self._registry.entry(name)
         existing = entry.versions.get(version_label)
         if existing is not None and existing.state not in (
@@ -203,7 +214,6 @@ class Deployments:
         version = self._new_version(spec)
         self._registry.add(version)
         version.set_state(VersionState.LOADING)
-        self._spawn(self._load_locked(version))
         return version
 
     def _spec_like(
@@ -325,6 +335,34 @@ class Deployments:
         if version.batcher is not None:
             await version.batcher.drain(self._settings.shutdown_grace_s)
         await self._loader.release(version)
+
+    # -- following the cluster -----------------------------------------------------------
+
+    async def ensure_serving(self, version: ModelVersion) -> bool:
+        """Load ``version`` (not active) unless it serves already; True once it serves."""
+        async with self._lock(version.name):
+            if not version.serving:
+                await self._load(version, activate=False, added=True)
+        return version.serving
+
+    async def follow_active(self, name: str, to: str) -> None:
+        """Make ``to`` active because the cluster did (its checks ran where it was swapped)."""
+        async with self._lock(name):
+            entry = self._registry.entry(name)
+            target = entry.versions.get(to)
+            if target is None or not target.serving or entry.active_version == to:
+                return
+            previous = entry.active_version
+            self._activate(target)
+            self._events.publish(ModelSwapped(model=name, from_version=previous, to_version=to))
+
+    async def retire_version(self, name: str, version_label: str) -> None:
+        """Take a non-active version out of service once its admitted requests are answered."""
+        async with self._lock(name):
+            entry = self._registry.entry(name)
+            version = entry.versions.get(version_label)
+            if version is not None and entry.active_version != version_label:
+                await self._retire(version)
 
     # -- canary --------------------------------------------------------------------------
 

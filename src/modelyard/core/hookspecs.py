@@ -13,10 +13,12 @@ if TYPE_CHECKING:
     from modelyard.core.backend import Backend
     from modelyard.core.cache_settings import CacheSettings
     from modelyard.core.cache_tier import CacheTier
+    from modelyard.core.cluster import Cluster
     from modelyard.core.context import ServerContext
     from modelyard.core.extensions import ApiExtension
     from modelyard.core.registry import VersionState
     from modelyard.core.response_cache import ResponseCache
+    from modelyard.core.settings import Settings
     from modelyard.core.sources import SourceScheme
     from modelyard.core.views import VersionView
 
@@ -57,6 +59,11 @@ def open_response_cache(
     settings: CacheSettings, tiers: Mapping[str, type[CacheTier]], directory: Path
 ) -> ResponseCache | None:
     """Build the response cache for an enabled ``[cache]`` section; the first answer wins."""
+
+
+@hookspec(firstresult=True)
+def open_cluster(settings: Settings) -> Cluster | None:
+    """Build the cluster engine ``[cluster] engine`` names; the first answer wins."""
 
 
 @hookspec

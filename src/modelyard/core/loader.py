@@ -10,6 +10,7 @@ from pathlib import Path
 
 from modelyard.core.backend import Backend, LoadContext, files_size
 from modelyard.core.batching import Batcher, Clock
+from modelyard.core.cluster import Cluster
 from modelyard.core.errors import ModelLoadError, ModelyardError
 from modelyard.core.probes import run_probe
 from modelyard.core.registry import ModelVersion, VersionState
@@ -37,6 +38,7 @@ class ModelLoader:
         clock: Clock,
         response_cache: Callable[[], ResponseCache | None],
         on_progress: Callable[[ModelVersion], None] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self._resolve_source = resolve_source
         self._cache_dir = cache_dir
@@ -45,6 +47,8 @@ class ModelLoader:
         self._response_cache = response_cache
         #: Told after each change of a version's ``progress``/``phase`` (any thread).
         self._on_progress = on_progress or (lambda _version: None)
+        #: With a cluster, each version's backend runs in its replicas; here is its stand-in.
+        self._cluster = cluster
 
     async def load(self, version: ModelVersion, *, warmup_timeout_s: float | None = None) -> bool:
         """Load ``version`` until it is ready (True) or failed with its reason (False).
@@ -135,6 +139,8 @@ class ModelLoader:
             self._on_progress(version)
 
         version.progress = 0.0
+        if self._cluster is not None:
+            return await self._replicas_of(version, progress)
         progress("resolving source", 0.0)
         # Preparing the source (a demo export) reports 0-100 of its own: it fills 0-50 overall.
         path = await asyncio.to_thread(
@@ -164,6 +170,21 @@ class ModelLoader:
         if not report.healthy:
             await backend.unload()
             raise ModelLoadError(f"health check failed: {report.detail or 'unhealthy'}")
+        return backend
+
+    async def _replicas_of(
+        self, version: ModelVersion, progress: Callable[[str, float], None]
+    ) -> Backend:
+        """The stand-in for ``version``'s replicas, which resolve and load it themselves."""
+        assert self._cluster is not None
+        progress("starting replicas", 0.0)
+        backend = await self._cluster.build_backend(version.spec, progress)
+        if backend.task is None:
+            await backend.unload()
+            raise ModelLoadError(f"the replicas of {version.name!r} could not tell its task")
+        version.task = backend.task
+        if self._response_cache() is not None:
+            version.weights_digest = backend.weights_digest or ""
         return backend
 
     async def _warm_up(self, version: ModelVersion, timeout_s: float) -> bool:

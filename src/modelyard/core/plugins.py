@@ -23,9 +23,11 @@ from modelyard.core.sources import SourceScheme
 
 if TYPE_CHECKING:
     from modelyard.core.cache_settings import CacheSettings
+    from modelyard.core.cluster import Cluster
     from modelyard.core.context import ServerContext
     from modelyard.core.registry import VersionState
     from modelyard.core.response_cache import ResponseCache
+    from modelyard.core.settings import Settings
     from modelyard.core.views import VersionView
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginHost", "PluginRecord", "PluginUnavailable"]
@@ -252,6 +254,11 @@ class PluginHost:
         result: ResponseCache | None = self._pm.hook.open_response_cache(
             settings=settings, tiers=dict(self.cache_tiers), directory=directory
         )
+        return result
+
+    def open_cluster(self, settings: Settings) -> Cluster | None:
+        """The cluster engine a plugin builds for ``settings.cluster``; None when none can."""
+        result: Cluster | None = self._pm.hook.open_cluster(settings=settings)
         return result
 
     def server_startup(self, server: ServerContext) -> None:

@@ -20,6 +20,8 @@ from modelyard.core.backend import BackendInfo
 from modelyard.core.batching import Clock
 from modelyard.core.canaries import Canaries
 from modelyard.core.canary import Canary
+from modelyard.core.cluster import ClusterLink
+from modelyard.core.cluster_sync import RoutingSync
 from modelyard.core.context import ServerContext
 from modelyard.core.deployments import Deployments
 from modelyard.core.errors import (
@@ -105,16 +107,31 @@ class InferenceService:
         self._router = Router(
             self._registry, build_chains(settings.aliases, versions), canaries
         )
+        cluster = plugins.open_cluster(settings) if settings.cluster.engine != "local" else None
+        if settings.cluster.engine != "local" and cluster is None:
+            raise ConfigError(
+                f"$.cluster.engine: no plugin provides {settings.cluster.engine!r}; "
+                f"install modelyard[{settings.cluster.engine}]"
+            )
+        if cluster is None:
+            _warn_placement_ignored(self._specs)
         loader = ModelLoader(
             resolve_source=source_resolver or SourceResolver(plugins.source_schemes),
             cache_dir=self.cache_dir, telemetry=self.telemetry, clock=clock,
             response_cache=lambda: self._cache, on_progress=self._reporter.load_progress,
+            cluster=cluster,
         )
         self._deployments = Deployments(
             settings.server, self._registry, loader, canaries, backends=plugins.backends,
             telemetry=self.telemetry, clock=clock, on_state=self._reporter.state_changed,
             sleep=sleep, events=self.events,
         )
+        self._sync = RoutingSync(self._registry, self._deployments, canaries)
+        #: With a cluster: this server's routing changes go out, the others' come in.
+        self._link = ClusterLink(
+            cluster, self._sync.apply, retry_s=settings.cluster.sync_interval_s
+        ) if cluster is not None else None
+        self._publishing: set[asyncio.Task[None]] = set()
         self._residency = Residency(
             settings.server, self._registry, self._deployments, self.telemetry,
             on_demand=frozenset(s.name for s in self._specs if s.on_demand), clock=clock,
@@ -150,14 +167,20 @@ class InferenceService:
     async def start(self) -> None:
         """Announce startup and begin loading every configured version in the background."""
         self.started_at = self._clock()
+        if self._link is not None:
+            await self._link.cluster.start()
         self._cache = await self._open_cache()
         self._plugins.server_startup(self._context)
         self._deployments.register(self._specs)
         self._deployments.start_probes()
         self._residency.start()
-        self._loading = asyncio.get_running_loop().create_task(
-            self._deployments.load_all(self._specs)
-        )
+        self._loading = asyncio.get_running_loop().create_task(self._load_and_join())
+
+    async def _load_and_join(self) -> None:
+        await self._deployments.load_all(self._specs)
+        if self._link is not None:
+            names = {spec.name for spec in self._specs}
+            await self._link.join({name: self._sync.routing(name) for name in names})
 
     async def wait_until_loaded(self) -> None:
         if self._loading is not None:
@@ -182,9 +205,13 @@ class InferenceService:
             except asyncio.CancelledError:
                 pass
         self._plugins.server_shutdown(self._context)
+        if self._link is not None:
+            await self._link.stop()
         await self._deployments.stop_probes()
         await self._residency.stop()
         await self._deployments.release_all()
+        if self._link is not None:
+            await self._link.cluster.stop()
         if self._cache is not None:
             await self._cache.close()
         self.events.close()
@@ -222,7 +249,12 @@ class InferenceService:
         # Collected on the event loop on purpose: breakers and queues are loop-owned state.
         if self._cache is not None:
             self.telemetry.metrics.sync_cache(self._cache.stats())
-        return self.telemetry.metrics.exposition(accept)
+        body, content_type = self.telemetry.metrics.exposition(accept)
+        if self._link is not None:
+            replicas = self._link.cluster.metrics_exposition()
+            head, eof, _ = body.rpartition(b"# EOF\n")  # OpenMetrics ends with its EOF line
+            body = head + replicas + eof if eof else body + replicas
+        return body, content_type
 
     # -- inference -----------------------------------------------------------------------
 
@@ -327,12 +359,14 @@ class InferenceService:
             await self._residency.load(on_demand)
             return
         entry = await self._deployments.load_model(name)
+        self._shared(name)
         failed = [v for v in entry.versions.values() if v.state == VersionState.FAILED]
         if failed and not any(v.serving for v in entry.versions.values()):
             raise ModelNotReadyError(f"model {name!r} failed to load: {failed[0].error}")
 
     async def unload_model(self, name: str) -> None:
         await self._deployments.unload_model(name)
+        self._shared(name)
 
     def add_version(
         self, name: str, version: str, source: str, *, backend: str | None = None,
@@ -342,28 +376,54 @@ class InferenceService:
         added = self._deployments.add_version(
             name, version, source, backend=backend, task=task, options=options
         )
+        self._shared(name)
         return version_view(added)
 
     async def unload_version(self, name: str, version: str) -> None:
         await self._deployments.unload_version(name, version)
+        self._shared(name)
 
     async def swap_safety(self, name: str, to: str) -> SafetyReport:
         return await self._deployments.swap_safety(name, to)
 
     async def swap(self, name: str, to: str) -> SafetyReport:
-        return await self._deployments.swap(name, to)
+        report = await self._deployments.swap(name, to)
+        self._shared(name)
+        return report
 
     async def rollback(self, name: str) -> str:
-        return await self._deployments.rollback(name)
+        target = await self._deployments.rollback(name)
+        self._shared(name)
+        return target
 
     def start_canary(self, name: str, to: str, percent: float) -> Canary:
-        return self._deployments.start_canary(name, to, percent)
+        canary = self._deployments.start_canary(name, to, percent)
+        self._shared(name)
+        return canary
 
     def stop_canary(self, name: str) -> None:
         self._deployments.stop_canary(name)
+        self._shared(name)
 
     async def promote_canary(self, name: str) -> SafetyReport:
-        return await self._deployments.promote_canary(name)
+        report = await self._deployments.promote_canary(name)
+        self._shared(name)
+        return report
+
+    def _shared(self, name: str) -> None:
+        """With a cluster, tell every other server of a change made here (in order)."""
+        if self._link is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._link.publish(name, self._sync.routing(name))
+        )
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def published(self) -> None:
+        """Wait until every change made here so far has reached the cluster."""
+        if self._publishing:
+            await asyncio.gather(*self._publishing)
 
     def traffic(self, name: str) -> dict[str, float]:
         return self._deployments.traffic(name)
@@ -378,3 +438,13 @@ class InferenceService:
         if self._cache is None:
             raise ConflictError("the response cache is disabled ([cache] enabled = false)")
         return self._cache
+
+
+def _warn_placement_ignored(specs: list[ModelSpec]) -> None:
+    for spec in specs:
+        if not spec.placement.is_default:
+            log.warning(
+                "model %s version %s: replicas, autoscaling and ray_actor_options apply to "
+                "[cluster] engine = \"ray\" only; ignored in one process", spec.name,
+                spec.version,
+            )

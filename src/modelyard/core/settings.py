@@ -18,6 +18,7 @@ from modelyard.core.auth_settings import AuthSettings
 from modelyard.core.backend import Backend
 from modelyard.core.breaker import BreakerSettings
 from modelyard.core.cache_settings import CacheSettings
+from modelyard.core.cluster_settings import AutoscalingSettings, ClusterSettings, Placement
 from modelyard.core.cors_settings import CorsSettings
 from modelyard.core.errors import ConfigError
 from modelyard.core.integrity import with_pin
@@ -25,6 +26,7 @@ from modelyard.core.jobs.settings import BatchSettings
 from modelyard.core.limits import LimitSettings
 from modelyard.core.probes import ProbeSettings
 from modelyard.core.types import Task
+from modelyard.core.ui_settings import UiSettings
 
 __all__ = [
     "AliasSettings",
@@ -134,6 +136,11 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     keep_alive_s: float = 300.0
     #: On-demand models: once loaded, never evicted nor unloaded when idle.
     pinned: bool = False
+    #: Cluster mode: replicas of each version (or ``[models.autoscaling]``) and Ray's actor
+    #: options for each replica; ignored with a warning when serving from one process.
+    replicas: Annotated[int, Meta(ge=1)] | None = None
+    autoscaling: AutoscalingSettings | None = None
+    ray_actor_options: dict[str, Any] = field(default_factory=dict)
 
 
 class AliasSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -159,6 +166,10 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     cors: CorsSettings = field(default_factory=CorsSettings)
     #: The OpenAI Files and Batch API: data directory, limits, retries, quotas, expiry.
     batches: BatchSettings = field(default_factory=BatchSettings)
+    #: One process (``local``, the default) or a Ray cluster; a shared store for rate limits.
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: The operators' web console at ``/ui``.
+    ui: UiSettings = field(default_factory=UiSettings)
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):
@@ -180,6 +191,7 @@ class ModelSpec(Struct, frozen=True, kw_only=True):
     load: Literal["startup", "on_demand"] = "startup"
     keep_alive_s: float = 300.0
     pinned: bool = False
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def on_demand(self) -> bool:
@@ -303,6 +315,10 @@ def resolve_models(
                 load=entry.load,
                 keep_alive_s=entry.keep_alive_s,
                 pinned=entry.pinned,
+                placement=Placement(
+                    replicas=entry.replicas, autoscaling=entry.autoscaling,
+                    ray_actor_options=entry.ray_actor_options,
+                ),
             )
         )
     # A name with no version marked active serves its first listed version.

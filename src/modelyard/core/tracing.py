@@ -120,6 +120,26 @@ class Tracing:
         with self._tracer.start_as_current_span(name, attributes=attributes) as span:
             yield span
 
+    @staticmethod
+    def carrier() -> dict[str, str]:
+        """The current trace context as ``traceparent`` fields, for a call to another process."""
+        fields: dict[str, str] = {}
+        propagate.inject(fields)
+        return fields
+
+    @contextlib.contextmanager
+    def remote_span(self, name: str, carrier: Mapping[str, str]) -> Iterator[Span]:
+        """A span continuing the trace another process sent in ``carrier`` (a replica's
+        part of a request); no-op when that process sent none and nothing records here."""
+        if not carrier and not self.active:
+            yield INVALID_SPAN
+            return
+        parent = propagate.extract(dict(carrier))
+        with self._tracer.start_as_current_span(
+            name, context=parent, kind=SpanKind.SERVER
+        ) as span:
+            yield span
+
     def record(
         self,
         name: str,
