@@ -57,6 +57,9 @@ class EchoOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     labels: list[str] = msgspec.field(default_factory=lambda: ["negative", "positive"])
     #: FailingBackend: fail on load instead of on inference.
     fail_on_load: bool = False
+    #: Mixed into each embedded text, so two versions of one model answer differently with
+    #: the same signature (a swap test tells which version computed an answer).
+    salt: str = ""
 
 
 def _words(text: str) -> list[str]:
@@ -128,7 +131,10 @@ class EchoBackend(Backend):
                                   request.params.stop)
         if isinstance(request, EmbeddingRequest):
             return EmbeddingResult(
-                embeddings=[fake_embedding(t, self.options.dim) for t in request.inputs],
+                embeddings=[
+                    fake_embedding(self.options.salt + t, self.options.dim)
+                    for t in request.inputs
+                ],
                 prompt_tokens=sum(len(_words(t)) for t in request.inputs),
             )
         if isinstance(request, ClassificationRequest):
