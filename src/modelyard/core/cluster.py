@@ -103,6 +103,11 @@ class Cluster:
         """Prometheus text of every replica's metrics, labelled by replica. Override."""
         return b""
 
+    def replicas_ready(self, model: str, version: str) -> bool:
+        """Whether ``version`` of ``model`` has a healthy replica now (readiness asks; it
+        must answer at once, from what the engine last heard). Override."""
+        return True
+
 
 #: Applies one model's routing to this server (the deployments' ``apply_routing``).
 ApplyRouting = Callable[[str, ModelRouting], Awaitable[None]]

@@ -3,7 +3,7 @@ autoscaling, actor resources); the Ray engine that reads them lives in ``modelya
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from msgspec import Meta, Struct, field
 
@@ -13,7 +13,8 @@ __all__ = ["AutoscalingSettings", "ClusterSettings", "Placement"]
 class ClusterSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """``[cluster]``: serve from this process (``local``) or over a Ray cluster (``ray``)."""
 
-    engine: Literal["local", "ray"] = "local"
+    #: ``ray``, or the name of another plugin's engine (``open_cluster``).
+    engine: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "local"
     #: ``local`` starts a Ray instance for this server; ``auto`` joins the one this machine
     #: runs (``ray start --head``); ``ray://HOST:PORT`` joins a remote cluster.
     address: str = "local"

@@ -230,10 +230,17 @@ class InferenceService:
     # -- status --------------------------------------------------------------------------
 
     def readiness(self) -> Readiness:
-        """Ready when every required model has a serving active version and we are not draining."""
+        """Ready when every required model has a serving active version (in a cluster: with a
+        healthy replica) and we are not draining."""
+        cluster = self._link.cluster if self._link is not None else None
         waiting = [
             entry.name for entry in self._registry
-            if entry.required and (entry.active is None or not entry.active.serving)
+            if entry.required and (
+                entry.active is None or not entry.active.serving or (
+                    cluster is not None
+                    and not cluster.replicas_ready(entry.name, entry.active.version)
+                )
+            )
         ]
         return Readiness(ready=not (self._draining or waiting), draining=self._draining,
                          waiting=waiting)

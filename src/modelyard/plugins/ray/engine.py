@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _SETTLE_WAIT_S = 5.0
 #: How often the ingress refreshes the replicas' metrics it serves at /metrics.
 _METRICS_REFRESH_S = 5.0
+#: How often the ingress asks Serve how many replicas of its applications run (readiness).
+_REPLICAS_REFRESH_S = 2.0
 #: Constructor attempts before Serve gives up on a version that cannot load.
 _CONSTRUCTOR_RETRIES = 3
 
@@ -66,12 +68,17 @@ class RayCluster(Cluster):
         self._started_ray = False
         self._metrics = b""
         self._refresh: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        #: Running replicas of each application this ingress uses, as Serve last said.
+        self._running: dict[str, int] = {}
 
     # -- joining -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self._connect)
-        self._refresh = asyncio.get_running_loop().create_task(self._refresh_metrics())
+        loop = asyncio.get_running_loop()
+        self._refresh = loop.create_task(self._refresh_metrics())
+        self._watching = loop.create_task(self._watch_replicas())
 
     def _connect(self) -> None:
         import ray
@@ -101,10 +108,11 @@ class RayCluster(Cluster):
                  self._cluster.namespace, self.ingress_id)
 
     async def stop(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+        for task in (self._refresh, self._watching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._started_ray:
             import ray
 
@@ -117,6 +125,7 @@ class RayCluster(Cluster):
 
         app = app_name(self._cluster.namespace, spec.name, spec.version)
         await self._ensure_app(app, spec, progress)
+        self._running.setdefault(app, 1)
         handle = serve.get_app_handle(app)
         progress("connecting", 80.0)
         facts: ReplicaFacts = await handle.describe.remote()
@@ -189,6 +198,7 @@ class RayCluster(Cluster):
         serve.run(application, name=app, route_prefix=None, blocking=False)
 
     async def _release(self, app: str) -> None:
+        self._running.pop(app, None)
         try:
             if await self._coordinator.release.remote(app, self.ingress_id):
                 await asyncio.to_thread(_serve_delete, app)
@@ -196,8 +206,19 @@ class RayCluster(Cluster):
         except Exception:  # leaving must not fail a shutdown
             log.exception("releasing %s failed", app)
 
+    def replicas_ready(self, model: str, version: str) -> bool:
+        app = app_name(self._cluster.namespace, model, version)
+        return self._running.get(app, 1) > 0  # an app not yet watched: its load just passed
+
+    async def _watch_replicas(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self._running.update(await asyncio.to_thread(_running_by_app, list(self._running)))
+            await asyncio.sleep(_REPLICAS_REFRESH_S)
+
     async def _health(self, app: str) -> HealthReport:
-        running = await asyncio.to_thread(_running_replicas, app)
+        running = (await asyncio.to_thread(_running_by_app, [app]))[app]
+        self._running[app] = running
         if running < 1:
             return HealthReport(healthy=False, detail="no replica is running")
         return HealthReport(healthy=True, detail=f"{running} replicas running")
@@ -242,14 +263,15 @@ def _serve_delete(app: str) -> None:
     serve.delete(app, _blocking=True)
 
 
-def _running_replicas(app: str) -> int:
+def _running_by_app(apps: list[str]) -> dict[str, int]:
     from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None:
-        return 0
     from ray.serve._private.common import ReplicaState
 
-    return sum(
-        d.replica_states.get(ReplicaState.RUNNING, 0) for d in status.deployments.values()
-    )
+    statuses = serve.status().applications
+    running: dict[str, int] = {}
+    for app in apps:
+        status = statuses.get(app)
+        running[app] = 0 if status is None else sum(
+            d.replica_states.get(ReplicaState.RUNNING, 0) for d in status.deployments.values()
+        )
+    return running
