@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from conftest import Ingress, StartIngress, replica_pids
 
+from conftest import Ingress, StartIngress, replica_pids
 from modelyard.testing import wait_until
 from modelyard.testing.backends import fake_embedding
 

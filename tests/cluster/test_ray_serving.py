@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import Ingress, StartIngress, replica_pids
 from openai import OpenAI
 
+from conftest import Ingress, StartIngress, replica_pids
 from modelyard.testing import wait_until
 from modelyard.testing.backends import fake_embedding
 
@@ -89,7 +89,8 @@ def test_openai_sdk_chat_embeddings_and_streaming(openai_client: OpenAI) -> None
     chunks = list(openai_client.chat.completions.create(
         model="echo", messages=[{"role": "user", "content": "one two three"}], stream=True
     ))
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 3  # token by token through the replica, not one buffered answer
     assert "".join(pieces).split() == ["one", "two", "three"]
 
@@ -99,7 +100,8 @@ def test_a_real_gguf_model_streams_over_ray(openai_client: OpenAI) -> None:
         model="smollm2", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
         temperature=0, stream=True,
     ))
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 2
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
