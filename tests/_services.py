@@ -9,8 +9,10 @@ program skips the tests that need it, except under ``CI=true``, where it fails t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,10 @@ import pytest
 
 from modelyard.testing import wait_until
 
-__all__ = ["chromium_path", "free_port", "ray_address", "redis_url", "RedisServer"]
+__all__ = [
+    "RedisServer", "chromium_path", "free_port", "ray_address", "redis_url", "start_ray",
+    "stop_ray",
+]
 
 
 def free_port() -> int:
@@ -108,6 +113,50 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+def _processes_of(marker: str) -> set[int]:
+    """Processes whose command line names ``marker`` (a Ray instance's temp dir), with every
+    descendant (workers and agents rename themselves ``ray::...``)."""
+    parent: dict[int, int] = {}
+    named: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        if marker in command:
+            named.add(pid)
+    found = set(named)
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parent.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def start_ray(temp: Path, *, port: int) -> str:
+    """A Ray head of its own (2 CPUs, no dashboard) keeping its files under ``temp``."""
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run(
+        [str(ray), "start", "--head", "--port", str(port), "--num-cpus", "2",
+         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180,
+    )
+    return f"127.0.0.1:{port}"
+
+
+def stop_ray(temp: Path) -> None:
+    """Stop the Ray instance started with ``temp``; unlike ``ray stop``, no other one."""
+    for pid in _processes_of(str(temp)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The address of a running local Ray instance (2 CPUs, no dashboard) for the session."""
@@ -115,21 +164,13 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    ray = Path(sys.executable).with_name("ray")
-    if not ray.exists():
+    if not Path(sys.executable).with_name("ray").exists():
         _missing("ray (pip install 'modelyard[ray]')")
-    port = free_port()
     temp = tmp_path_factory.mktemp("ray")
-    subprocess.run(
-        [str(ray), "start", "--head", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180,
-    )
     try:
-        yield f"127.0.0.1:{port}"
+        yield start_ray(temp, port=free_port())
     finally:
-        subprocess.run([str(ray), "stop", "--force"], check=False, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stop_ray(temp)
 
 
 @pytest.fixture(scope="session")
