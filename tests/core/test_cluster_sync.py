@@ -243,3 +243,19 @@ async def test_a_store_failure_keeps_the_local_change(
         assert "could not publish the routing of m" in caplog.text
     finally:
         await a.stop()
+
+
+async def test_a_version_removed_on_one_server_is_taken_out_of_service_on_the_other(
+    settings: Settings, plugin_host: PluginHost, board: Board
+) -> None:
+    a = await _started(settings, plugin_host)
+    b = await _started(settings, plugin_host)
+    try:
+        assert b.registry.entry("m").versions["2"].serving
+        await a.unload_version("m", "2")
+        await a.published()
+        await _until(lambda: not b.registry.entry("m").versions["2"].serving, "b retiring v2")
+        assert _active(b) == "1"
+    finally:
+        await a.stop()
+        await b.stop()

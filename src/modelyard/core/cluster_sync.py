@@ -70,7 +70,8 @@ class RoutingSync:
         self._match_canary(name, routing.canary)
         for label, version in list(entry.versions.items()):
             routed_version = routing.versions.get(label)
-            if routed_version is not None and not routed_version.serving and version.serving:
+            # Not serving there, or forgotten there (unloaded and removed): not here either.
+            if version.serving and (routed_version is None or not routed_version.serving):
                 await self._deployments.retire_version(name, label)
 
     def _add(self, name: str, label: str, routed: RoutedVersion) -> ModelVersion:
