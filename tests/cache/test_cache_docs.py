@@ -1,15 +1,14 @@
-"""docs/cache.md stays true: its Redis tier example runs, through the hook, as documented."""
+"""docs/cache.md stays true: its tier-plugin example runs, through the hook, as documented."""
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import importlib.machinery
 import re
 import sys
 import tomllib
 import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,76 +28,76 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
-class FakeRedis:
-    """Just the redis.asyncio surface the example uses, in a dict shared per URL."""
+class FakeMemcache:
+    """Just the aiomcache surface the example uses, in a dict shared per server."""
 
-    servers: ClassVar[dict[str, dict[bytes, bytes]]] = {}
+    servers: ClassVar[dict[tuple[str, int], dict[bytes, bytes]]] = {}
 
-    def __init__(self, url: str) -> None:
-        self.data = self.servers.setdefault(url, {})
-        self.ttls: dict[bytes, int | None] = {}
+    def __init__(self, host: str, port: int = 11211) -> None:
+        self.data = self.servers.setdefault((host, port), {})
+        self.exptimes: dict[bytes, int] = {}
 
-    @classmethod
-    def from_url(cls, url: str) -> FakeRedis:
-        return cls(url)
+    @staticmethod
+    def _check(key: bytes) -> None:
+        # aiomcache's own rule: bytes, 1-250 characters, no whitespace or control characters.
+        assert isinstance(key, bytes) and re.fullmatch(rb"[^\s\x00-\x1f\x7f]{1,250}", key), key
 
     async def get(self, key: bytes) -> bytes | None:
+        self._check(key)
         return self.data.get(key)
 
-    async def set(self, key: bytes, value: bytes, ex: int | None = None) -> None:
+    async def set(self, key: bytes, value: bytes, exptime: int = 0) -> bool:
+        self._check(key)
+        assert isinstance(value, bytes)
         self.data[key] = value
-        self.ttls[key] = ex
+        self.exptimes[key] = exptime
+        return True
 
-    async def delete(self, key: bytes) -> None:
-        self.data.pop(key, None)
+    async def delete(self, key: bytes) -> bool:
+        self._check(key)
+        return self.data.pop(key, None) is not None
 
-    async def scan_iter(self, match: bytes) -> AsyncIterator[bytes]:
-        pattern = match.decode("latin-1")
-        for key in list(self.data):
-            if fnmatch.fnmatchcase(key.decode("latin-1"), pattern):
-                yield key
+    async def flush_all(self) -> None:
+        self.data.clear()
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         pass
 
 
 @pytest.fixture
-def redis_plugin(
+def memcached_plugin(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[types.ModuleType]:
-    """The doc's plugin module, importing a stand-in ``redis.asyncio``."""
-    FakeRedis.servers = {}
-    fake_redis = types.ModuleType("redis")
-    fake_redis.__spec__ = importlib.machinery.ModuleSpec("redis", None)
-    fake_asyncio = types.ModuleType("redis.asyncio")
-    fake_asyncio.Redis = FakeRedis  # type: ignore[attr-defined]
-    fake_redis.asyncio = fake_asyncio  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "redis", fake_redis)
-    monkeypatch.setitem(sys.modules, "redis.asyncio", fake_asyncio)
-    (source,) = [b for b in _blocks("python") if "class RedisTier" in b]
+    """The doc's plugin module, importing a stand-in ``aiomcache``."""
+    FakeMemcache.servers = {}
+    fake = types.ModuleType("aiomcache")
+    fake.__spec__ = importlib.machinery.ModuleSpec("aiomcache", None)
+    fake.Client = FakeMemcache  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "aiomcache", fake)
+    (source,) = [b for b in _blocks("python") if "class MemcachedTier" in b]
     site = tmp_path / "site"
     site.mkdir()
-    (site / "modelyard_redis.py").write_text(source)
+    (site / "modelyard_memcached.py").write_text(source)
     monkeypatch.syspath_prepend(str(site))
     try:
-        yield importlib.import_module("modelyard_redis")
+        yield importlib.import_module("modelyard_memcached")
     finally:
-        sys.modules.pop("modelyard_redis", None)
+        sys.modules.pop("modelyard_memcached", None)
 
 
-async def test_the_redis_example_plugs_in_and_caches(
-    redis_plugin: types.ModuleType, tmp_path: Path
+async def test_the_memcached_example_plugs_in_and_caches(
+    memcached_plugin: types.ModuleType, tmp_path: Path
 ) -> None:
     host = PluginHost(allow=())
     assert host.register(cache_plugin, name="cache")
-    assert host.register(redis_plugin, name="redis")
-    assert set(host.cache_tiers) == {"memory", "disk", "redis"}
-    toml = next(b for b in _blocks("toml") if 'tier = "redis"' in b)
+    assert host.register(memcached_plugin, name="memcached")
+    assert set(host.cache_tiers) == {"memory", "disk", "redis", "memcached"}
+    toml = next(b for b in _blocks("toml") if 'tier = "memcached"' in b)
     settings = msgspec.convert({"enabled": True, **tomllib.loads(toml)["cache"]}, CacheSettings)
     layer = build_cache_layer(settings, host.cache_tiers, server_cache_dir=tmp_path)
     assert layer is not None
-    memory, redis_tier = layer.tiers
-    request = CompletionRequest("via redis", GenerationParams(temperature=0))
+    memory, memcached = layer.tiers
+    request = CompletionRequest("via memcached", GenerationParams(temperature=0))
     key = layer.key_for(request, model="m", version="1", weights_digest="w", backend="echo",
                         backend_version="1", tenant="")
     assert key is not None
@@ -107,25 +106,26 @@ async def test_the_redis_example_plugs_in_and_caches(
         return GenerationResult("from the backend", "stop", 2, 3)
 
     assert (await layer.lookup_or_run(key, run))[1] == "miss"
-    server = FakeRedis.servers["redis://cache.internal:6379/2"]
-    assert list(server) == [b"modelyard:" + key]
-    assert redis_tier._redis.ttls[b"modelyard:" + key] == 86400
+    await layer.settle()
+    server = FakeMemcache.servers[("cache.internal", 11211)]
+    stored = b"modelyard:" + key.hex().encode()
+    assert list(server) == [stored]
+    assert memcached._client.exptimes[stored] == 86400  # type: ignore[attr-defined]
     await memory.clear()
-    assert (await layer.lookup_or_run(key, run))[1] == "hit"  # from redis, promoted
-    server[b"someone-else"] = b"untouched"
+    assert (await layer.lookup_or_run(key, run))[1] == "hit"  # from memcached, promoted
     await layer.purge(None)
-    assert list(server) == [b"someone-else"]
+    assert server == {}
     await layer.close()
 
 
-def test_the_redis_example_is_skipped_without_redis(
-    redis_plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+def test_the_memcached_example_is_skipped_without_its_client(
+    memcached_plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_plugin.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(memcached_plugin.importlib.util, "find_spec", lambda name, *a: None)
     host = PluginHost(allow=())
-    assert not host.register(redis_plugin, name="redis")
+    assert not host.register(memcached_plugin, name="memcached")
     assert host.records[0].status == "skipped"
-    assert host.records[0].error == "pip install redis"
+    assert host.records[0].error == "pip install aiomcache"
 
 
 def test_the_documented_config_decodes(tmp_path: Path) -> None:
@@ -138,8 +138,9 @@ def test_the_documented_config_decodes(tmp_path: Path) -> None:
 def test_the_documented_options_match_the_option_types() -> None:
     from modelyard.cache.disk import DiskOptions
     from modelyard.cache.memory import MemoryOptions
+    from modelyard.cache.redis import RedisOptions
 
     text = DOC.read_text()
-    for options in (MemoryOptions, DiskOptions):
+    for options in (MemoryOptions, DiskOptions, RedisOptions):
         for name in options.__struct_fields__:
             assert f"`{name}`" in text, (options.__name__, name)

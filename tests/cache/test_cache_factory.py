@@ -16,6 +16,7 @@ from modelyard.cache.dedup import DedupTier
 from modelyard.cache.disk import DiskTier
 from modelyard.cache.factory import build_cache_layer
 from modelyard.cache.memory import MemoryTier
+from modelyard.cache.redis import RedisTier
 from modelyard.core.errors import ConfigError
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
@@ -83,8 +84,8 @@ def test_the_plugin_registers_the_first_party_tiers() -> None:
     host = PluginHost(allow=())
     assert host.register(cache_plugin, name="cache")
     try:
-        assert host.cache_tiers == {"memory": MemoryTier, "disk": DiskTier}
-        assert host.records[0].cache_tiers == ["memory", "disk"]
+        assert host.cache_tiers == {"memory": MemoryTier, "disk": DiskTier, "redis": RedisTier}
+        assert host.records[0].cache_tiers == ["memory", "disk", "redis"]
     finally:
         host.unregister("cache")
 

@@ -113,7 +113,9 @@ def create_app(
     """
     host = plugins if plugins is not None else load_plugins(settings)
     core = service if service is not None else InferenceService(settings, host)
-    guard = security if security is not None else Security.from_settings(settings.auth, host)
+    guard = security if security is not None else Security.from_settings(
+        settings.auth, host, store_url=settings.cluster.store
+    )
     guard.check_bind(settings.server.host)
 
     @asynccontextmanager
@@ -125,6 +127,7 @@ def create_app(
         finally:
             await jobs.stop()
             await core.stop()
+            await guard.aclose()  # the shared rate-limit store's connections
             await core.telemetry.aclose()  # flush spans an exporter still holds
 
     def provide_service() -> InferenceService:

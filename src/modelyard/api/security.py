@@ -38,7 +38,7 @@ from modelyard.core.errors import (
 from modelyard.core.extensions import ApiExtension
 from modelyard.core.metrics import Metrics
 from modelyard.core.plugins import PluginHost
-from modelyard.core.ratelimit import Decision, LimitedPrincipal, RateLimit, RateLimiter
+from modelyard.core.ratelimit import Decision, LimitedPrincipal, Limiter, RateLimit, RateLimiter
 
 __all__ = [
     "POLICIES",
@@ -242,13 +242,13 @@ class Security:
         settings: AuthSettings,
         providers: Sequence[AuthProvider] = (),
         *,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.providers = list(providers)
-        self.limiter = limiter if limiter is not None else RateLimiter(clock=clock)
+        self.limiter: Limiter = limiter if limiter is not None else RateLimiter(clock=clock)
         self.audit = audit if audit is not None else AuditLog(settings.audit_log)
         self._anonymous = Principal(
             id=ANONYMOUS, roles=frozenset(settings.anonymous_roles), model_scopes=None
@@ -280,8 +280,13 @@ class Security:
         plugins: PluginHost,
         *,
         clock: Callable[[], float] = time.monotonic,
+        store_url: str | None = None,
     ) -> Security:
-        """Build the configured providers (options validated by each provider's own Struct)."""
+        """Build the configured providers (options validated by each provider's own Struct).
+
+        ``store_url`` (``[cluster] store``) keeps the rate-limit buckets in that shared store,
+        so a limit holds across every server using it; without it they live in this process.
+        """
         providers: list[AuthProvider] = []
         for i, entry in enumerate(settings.providers):
             where = f"$.auth.providers[{i}]"
@@ -297,7 +302,31 @@ class Security:
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"{where}.options: {exc}") from None
             providers.append(provider_cls(options))
-        return cls(settings, providers, clock=clock)
+        security = cls(settings, providers, clock=clock)
+        if store_url:
+            security.limiter = security._shared_limiter(store_url, clock)
+        return security
+
+    def _shared_limiter(self, store_url: str, clock: Callable[[], float]) -> Limiter:
+        from modelyard.cache.redis_limits import SharedRateLimiter
+
+        try:
+            return SharedRateLimiter(
+                store_url, fallback=RateLimiter(clock=clock), clock=clock,
+                on_store_error=self._store_error,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"$.cluster.store: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"$.cluster.store: {exc.detail}") from None
+
+    def _store_error(self, operation: str) -> None:
+        if self.metrics is not None:
+            self.metrics.shared_store_error("redis", operation)
+
+    async def aclose(self) -> None:
+        """Close the rate-limit store's connections (a shared limiter has some)."""
+        await self.limiter.aclose()
 
     @property
     def enabled(self) -> bool:
@@ -343,7 +372,7 @@ class Security:
         scope["state"][_PRINCIPAL] = principal
         # Litestar's ``request.user``; the response cache keys by its ``tenant``.
         scope["user"] = principal
-        self._charge(principal, client, context)
+        await self._charge(principal, client, context)
         self._authorize(principal, policy, client, target)
         await self._check_model(connection, principal, policy, client, target)
         context.action = policy.action
@@ -378,7 +407,7 @@ class Security:
             f"Bearer {token}" if token else ""
         )
         principal = await self._authenticate_header(header, client, target, context)
-        self._charge(principal, client, context)
+        await self._charge(principal, client, context)
         self._authorize(principal, Policy(permission), client, target)
         return principal
 
@@ -390,7 +419,7 @@ class Security:
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         if not header:
-            raise self._unauthorized(
+            raise await self._unauthorized(
                 UnauthorizedError("credentials required"),
                 client,
                 target,
@@ -398,7 +427,7 @@ class Security:
                 challenge=f'Bearer realm="{REALM}"',
             )
         if not scheme or not token:
-            raise self._unauthorized(
+            raise await self._unauthorized(
                 UnauthorizedError("malformed Authorization header"), client, target, context
             )
         credentials = Credentials(scheme=scheme, token=token, client_address=client)
@@ -406,14 +435,14 @@ class Security:
             try:
                 principal = await provider.authenticate(credentials)
             except UnauthorizedError as exc:
-                raise self._unauthorized(exc, client, target, context) from None
+                raise await self._unauthorized(exc, client, target, context) from None
             if principal is not None:
                 return principal
-        raise self._unauthorized(
+        raise await self._unauthorized(
             UnauthorizedError("credential not recognised"), client, target, context
         )
 
-    def _unauthorized(
+    async def _unauthorized(
         self,
         exc: UnauthorizedError,
         client: str,
@@ -435,7 +464,7 @@ class Security:
             self.metrics.auth_failure("missing" if challenge else "invalid")
         limit = self.settings.rate_limits.get(ANONYMOUS)
         if limit is not None:
-            decision = self.limiter.take(f"addr:{client}", limit)
+            decision = await self.limiter.charge(f"addr:{client}", limit)
             context.headers = _ratelimit_fields(ANONYMOUS, decision)
             if not decision.allowed:
                 self._count_rate_limited()
@@ -448,13 +477,13 @@ class Security:
         )
         return exc
 
-    def _charge(self, principal: Principal, client: str, context: _Context) -> None:
+    async def _charge(self, principal: Principal, client: str, context: _Context) -> None:
         chosen = self._limit_for(principal)
         if chosen is None:
             return
         policy_name, limit = chosen
         key = f"addr:{client}" if principal is self._anonymous else principal.id
-        decision = self.limiter.take(key, limit)
+        decision = await self.limiter.charge(key, limit)
         context.headers = _ratelimit_fields(policy_name, decision)
         if not decision.allowed:
             self._count_rate_limited()

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from modelyard.cache.dedup import DedupTier
     from modelyard.cache.disk import DiskOptions, DiskTier
     from modelyard.cache.factory import build_cache_layer, cache_directory
+    from modelyard.cache.generations import PurgeGenerations
     from modelyard.cache.keys import KeyFields, is_cacheable, weights_digest
-    from modelyard.cache.layer import CacheLayer, Outcome, PurgeGenerations, replay_stream
+    from modelyard.cache.layer import CacheLayer, Outcome, replay_stream
     from modelyard.cache.memory import MemoryOptions, MemoryTier
+    from modelyard.cache.redis import RedisOptions, RedisTier
 
 __all__ = [
     "CacheDirective",
@@ -31,6 +33,8 @@ __all__ = [
     "MemoryTier",
     "Outcome",
     "PurgeGenerations",
+    "RedisOptions",
+    "RedisTier",
     "ResultCodec",
     "TierSettings",
     "build_cache_layer",
@@ -41,12 +45,13 @@ __all__ = [
 ]
 
 _HOME = {
-    "CacheLayer": "layer", "Outcome": "layer", "PurgeGenerations": "layer",
+    "CacheLayer": "layer", "Outcome": "layer", "PurgeGenerations": "generations",
     "replay_stream": "layer", "CacheDirective": "config", "CacheSettings": "config",
     "TierSettings": "config",
     "DedupTier": "dedup", "DiskOptions": "disk", "DiskTier": "disk", "KeyFields": "keys",
     "is_cacheable": "keys", "weights_digest": "keys", "MemoryOptions": "memory",
-    "MemoryTier": "memory", "ResultCodec": "codec", "build_cache_layer": "factory",
+    "MemoryTier": "memory", "RedisOptions": "redis", "RedisTier": "redis",
+    "ResultCodec": "codec", "build_cache_layer": "factory",
     "cache_directory": "factory",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,12 +13,15 @@ import msgspec
 from modelyard.cache.config import CacheSettings
 from modelyard.cache.dedup import DedupTier
 from modelyard.cache.disk import DiskOptions, make_private_dir
+from modelyard.cache.generations import Generations, PurgeGenerations, SharesPurges
 from modelyard.cache.keys import load_or_create_secret
-from modelyard.cache.layer import CacheLayer, PurgeGenerations
+from modelyard.cache.layer import CacheLayer
 from modelyard.core.cache_tier import CacheTier
 from modelyard.core.errors import ConfigError
 
 __all__ = ["build_cache_layer", "cache_directory"]
+
+log = logging.getLogger(__name__)
 
 _AT_PATH = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
 
@@ -52,8 +56,24 @@ def build_cache_layer(
         _build_tier(i, directory, settings, tier_classes, clock) for i in range(len(settings.tiers))
     ]
     _check_distinct_directories(tiers)
+    shared = _shared_generations(tiers)
+    if shared is not None and not settings.secret:
+        log.warning(
+            "a shared cache tier is configured without [cache] secret: servers with their own "
+            "generated secrets never share an entry; give every server the same secret"
+        )
     secret = settings.secret if settings.secret else load_or_create_secret(directory)
-    return CacheLayer(tiers, secret=secret, generations=PurgeGenerations(directory))
+    generations = shared if shared is not None else PurgeGenerations(directory)
+    return CacheLayer(tiers, secret=secret, generations=generations)
+
+
+def _shared_generations(tiers: list[CacheTier]) -> Generations | None:
+    """The purge index of the first tier shared between servers (e.g. ``redis``), if any."""
+    for tier in tiers:
+        inner = tier.inner if isinstance(tier, DedupTier) else tier
+        if isinstance(inner, SharesPurges):
+            return inner.purge_generations()
+    return None
 
 
 def _build_tier(

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
-import os
 import re
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from modelyard.cache.codec import CorruptValue, ResultCodec
+from modelyard.cache.generations import Generations, PurgeGenerations
 from modelyard.cache.keys import (
     KeyFields,
     cache_key,
@@ -34,81 +31,8 @@ Outcome = Literal["hit", "miss"]
 Run = Callable[[], Awaitable[InferenceResult]]
 StartStream = Callable[[], Awaitable[AsyncIterator[StreamChunk]]]
 
-GENERATIONS_FILE = "generations.json"
-_ALL = ""  # the generation every key carries; purging everything changes it
-
-
-class PurgeGenerations:
-    """A token per model that is part of every key: changing it orphans the model's entries.
-
-    This is the purge index. Tiers need no way to list keys (Redis, memcached and a plain
-    LRU have none that scales), and a purge is one small file write whatever the entry count.
-    Orphans are never read again and leave through each tier's LRU or TTL. The tokens are
-    random and persisted (0600, next to the secret), so a restart does not revive purged
-    entries, and workers sharing the directory see each other's purges.
-    """
-
-    def __init__(self, directory: Path | None) -> None:
-        self._path = directory / GENERATIONS_FILE if directory is not None else None
-        self._seen: tuple[int, int] | None = None
-        self._tokens: dict[str, str] = self._load()
-
-    def _stamp(self) -> tuple[int, int] | None:
-        assert self._path is not None
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns
-
-    def _load(self) -> dict[str, str]:
-        if self._path is None:
-            return {}
-        self._seen = self._stamp()
-        if self._seen is None:
-            return {}
-        try:
-            raw = json.loads(self._path.read_text())
-        except (OSError, ValueError) as exc:
-            # Unknown generations could revive purged entries: start a fresh world instead.
-            log.warning(
-                "cannot read %s (%s); every cached entry is treated as purged", self._path, exc
-            )
-            return {_ALL: secrets.token_hex(8)}
-        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-            return {_ALL: secrets.token_hex(8)}
-        return {str(k): v for k, v in raw.items()}
-
-    def token(self, model: str) -> str:
-        # Another worker sharing the directory may have purged: one stat per key tells.
-        if self._path is not None and self._stamp() != self._seen:
-            self._tokens = self._load()
-        return f"{self._tokens.get(_ALL, '')}/{self._tokens.get(model, '')}"
-
-    def bump(self, model: str | None) -> None:
-        """Give ``model`` (None: every model) a new token, persisted before returning."""
-        if self._path is None:
-            self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
-            return
-        lock = os.open(
-            self._path.with_name(GENERATIONS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
-        )
-        try:
-            # Read-modify-write under a lock: two workers purging at once both take effect.
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._tokens = self._load()
-            self._tokens[_ALL if model is None else model] = secrets.token_hex(8)
-            self._save(self._path)
-        finally:
-            os.close(lock)
-
-    def _save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self._tokens, out)
-        os.replace(tmp, path)
-        self._seen = self._stamp()
+#: Bytes of the key a tier sees; what ``key_for`` adds after them is the purge-index stamp.
+_DIGEST_BYTES = 32
 
 
 @dataclass
@@ -119,6 +43,8 @@ class LayerStats:
     refreshes: int = 0
     errors: int = 0
     corrupt: int = 0
+    #: Lookups not served because the shared purge index had moved on or could not be read.
+    unverified: int = 0
     tier_errors: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)
 
@@ -141,6 +67,8 @@ class CacheLayer:
     ``tiers`` are read in order; a hit in a lower tier is copied into every tier above it.
     Values are MAC'd with a key derived from ``secret``, so a tier shared with other writers
     (or edited on disk) can make us miss but never makes us serve bytes we did not write.
+    ``generations`` is the purge index (see ``modelyard.cache.generations``); by default one
+    in memory.
     """
 
     def __init__(
@@ -148,7 +76,7 @@ class CacheLayer:
         tiers: Sequence[CacheTier],
         *,
         secret: bytes | str,
-        generations: PurgeGenerations | None = None,
+        generations: Generations | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a cache layer needs at least one tier")
@@ -175,7 +103,10 @@ class CacheLayer:
         backend_version: str,
         tenant: str,
     ) -> bytes | None:
-        """The key of ``request`` as served by that exact version; None if it is not cacheable."""
+        """The key of ``request`` as served by that exact version; None if it is not cacheable.
+
+        Tiers see its first 32 bytes; the rest stamps the purge tokens it was built from.
+        """
         if not is_cacheable(request):
             return None
         task, params, payload = request_fields(request)
@@ -191,7 +122,7 @@ class CacheLayer:
             params=params,
             input=payload,
         )
-        return cache_key(self._key_secret, fields)
+        return cache_key(self._key_secret, fields) + self._generations.stamp
 
     def weights_digest(self, path: Path) -> str:
         """blake3 of the weight files at ``path`` (part of every key); reads files: off the loop."""
@@ -256,6 +187,12 @@ class CacheLayer:
         return await self._read(key)
 
     async def _read(self, key: bytes) -> InferenceResult | None:
+        key, stamp = key[:_DIGEST_BYTES], key[_DIGEST_BYTES:]
+        if stamp and not await self._stamp_is_current(stamp):
+            # Built from purge tokens the shared index no longer holds (or cannot confirm):
+            # serving it could serve a purged answer, so it is a miss.
+            self._stats.unverified += 1
+            return None
         for index, tier in enumerate(self.tiers):
             try:
                 value = await tier.get(key)
@@ -278,11 +215,21 @@ class CacheLayer:
             return result
         return None
 
+    async def _stamp_is_current(self, stamp: bytes) -> bool:
+        try:
+            return await self._generations.is_current(stamp)
+        except Exception:  # unsure is a miss, never a failed request
+            log.warning("the purge index could not be checked", exc_info=True)
+            return False
+
     async def store(self, key: bytes, result: InferenceResult) -> None:
         """Store an answer in every tier (what a miss does)."""
         await self._store(key, result)
 
     async def _store(self, key: bytes, result: InferenceResult) -> None:
+        # Stored even under a stale stamp: an answer computed now is right for its key, and a
+        # key whose stamp is not current is never served (see ``_read``).
+        key = key[:_DIGEST_BYTES]
         value = self._codec.encode(result)
         for tier in self.tiers:
             await self._quietly(tier, "set", key, value)
@@ -355,9 +302,10 @@ class CacheLayer:
         """Make every entry of ``model`` (or every entry) unreachable, at once, in every tier.
 
         ``None`` also clears each tier; a tier that cannot clear is logged, its entries being
-        unreachable anyway.
+        unreachable anyway. A shared purge index that cannot be reached raises
+        ``ServiceUnavailableError``: nothing was purged.
         """
-        self._generations.bump(model)
+        await self._generations.bump(model)
         if model is None:
             for tier in self.tiers:
                 try:
@@ -387,6 +335,7 @@ class CacheLayer:
             "refreshes": s.refreshes,
             "errors": s.errors,
             "corrupt": s.corrupt,
+            "unverified": s.unverified,
             "tier_errors": s.tier_errors,
             "in_flight": len(self._flights),
             "hit_ratio": round(s.hits / looked, 4) if looked else 0.0,

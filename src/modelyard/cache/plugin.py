@@ -25,9 +25,13 @@ def register_cache_tiers(register: Callable[[type[CacheTier]], None]) -> None:
         )
     from modelyard.cache.disk import DiskTier
     from modelyard.cache.memory import MemoryTier
+    from modelyard.cache.redis import RedisTier
 
     register(MemoryTier)
     register(DiskTier)
+    # Registered with the others; its client (the ``redis`` extra) is imported only when a
+    # ``redis`` tier is configured.
+    register(RedisTier)
 
 
 @hookimpl

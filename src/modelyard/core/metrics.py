@@ -103,7 +103,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._synced: dict[tuple[int, str], int] = {}
+        self._synced: dict[tuple[int, tuple[str, ...]], int] = {}
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -240,6 +240,13 @@ class Metrics:
         self.rate_limited = counter(
             "rate_limited_requests", "Requests refused by a rate limit.", ["model"]
         )
+        # -- the shared store (Redis/Valkey: the redis cache tier, cluster-wide limits) -------
+        self.shared_store_errors = counter(
+            "shared_store_errors",
+            "Shared-store operations that failed or were skipped while it was unreachable; "
+            "the request went on (a cache miss, a skipped write, the local rate limiter).",
+            ["store", "operation"],
+        )
 
     # -- per version -----------------------------------------------------------------------
 
@@ -297,6 +304,7 @@ class Metrics:
         into counter increments, so the exported counters stay monotonic.
         """
         reaching = stats.get("hits", 0) + stats.get("misses", 0)
+        store_errors: dict[tuple[str, str], int] = {}  # a shared tier's, by operation
         for tier in stats.get("tiers", []):
             inner = tier.get("inner") if isinstance(tier.get("inner"), dict) else tier
             name = str(inner.get("tier", tier.get("tier", "")))  # a dedup wrapper: its store
@@ -308,13 +316,19 @@ class Metrics:
                 self.cache_size.labels(name).set(inner["bytes"])
             if "dedup_ratio" in tier:
                 self.cache_dedup.labels(name).set(tier["dedup_ratio"])
+            for operation, count in (inner.get("store_errors") or {}).items():
+                key = (name, str(operation))
+                store_errors[key] = store_errors.get(key, 0) + int(count)
         self._advance(self.cache_coalesced, "", int(stats.get("coalesced", 0)))
+        for labels, total in store_errors.items():
+            self._advance(self.shared_store_errors, labels, total)
 
-    def _advance(self, counter: Any, label: str, total: int) -> None:
-        key = (id(counter), label)
+    def _advance(self, counter: Any, label: str | tuple[str, ...], total: int) -> None:
+        labels = (label,) if isinstance(label, str) else label
+        key = (id(counter), labels)
         grow = total - self._synced.get(key, 0)
         if grow > 0:
-            counter.labels(label).inc(grow)
+            counter.labels(*labels).inc(grow)
             self._synced[key] = total
 
     def auth_failure(self, reason: str) -> None:
@@ -323,6 +337,10 @@ class Metrics:
 
     def rate_limited_request(self, model: str = "") -> None:
         self.rate_limited.labels(model).inc()
+
+    def shared_store_error(self, store: str, operation: str) -> None:
+        """One operation on the shared store that degraded (``operation``: a fixed word)."""
+        self.shared_store_errors.labels(store, operation).inc()
 
     # -- state read at scrape time ------------------------------------------------------------
 

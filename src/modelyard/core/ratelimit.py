@@ -1,4 +1,9 @@
-"""Token buckets per caller with an injected clock: 429 means your quota, never our capacity."""
+"""Token buckets per caller with an injected clock: 429 means your quota, never our capacity.
+
+``RateLimiter`` keeps the buckets in this process. A :class:`Limiter` keeps them anywhere; a
+server configured with ``[cluster] store`` uses one shared by every server
+(``modelyard.cache.redis_limits``), whose decisions follow :func:`decide` exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,25 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from msgspec import Meta, Struct
 
 from modelyard.core.auth import Principal
 
-__all__ = ["Decision", "LimitedPrincipal", "RateLimit", "RateLimiter", "TokenBucket"]
+__all__ = [
+    "EPSILON",
+    "Decision",
+    "LimitedPrincipal",
+    "Limiter",
+    "RateLimit",
+    "RateLimiter",
+    "TokenBucket",
+    "decide",
+]
 
 #: Float refill arithmetic may land a hair under a whole token; a request is not refused for it.
-_EPSILON = 1e-9
+EPSILON = 1e-9
 
 
 class RateLimit(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -49,6 +63,28 @@ class Decision(Struct, frozen=True, kw_only=True):
     reset_s: float
 
 
+def decide(limit: RateLimit, tokens: float, *, allowed: bool, cost: float = 1.0) -> Decision:
+    """The decision for a bucket holding ``tokens`` after one request was ``allowed`` or not."""
+    missing = 0.0 if allowed else cost - tokens
+    return Decision(
+        allowed=allowed,
+        limit=limit,
+        remaining=math.floor(tokens + EPSILON),
+        retry_after_s=missing / limit.rate,
+        reset_s=(limit.burst - tokens) / limit.rate,
+    )
+
+
+class Limiter(Protocol):
+    """Where the buckets live: this process (``RateLimiter``) or a store servers share."""
+
+    async def charge(self, key: str, limit: RateLimit, cost: float = 1.0) -> Decision:
+        """Spend ``cost`` tokens of ``key``'s bucket if it has them; the decision either way."""
+
+    async def aclose(self) -> None:
+        """Release connections, if any."""
+
+
 class TokenBucket:
     """One caller's bucket; ``take`` refills by elapsed time, then spends ``cost`` if it can."""
 
@@ -61,17 +97,10 @@ class TokenBucket:
         elapsed = max(0.0, now - self.updated)  # a clock that steps back never adds tokens
         self.tokens = min(float(self.limit.burst), self.tokens + elapsed * self.limit.rate)
         self.updated = now
-        allowed = self.tokens + _EPSILON >= cost
+        allowed = self.tokens + EPSILON >= cost
         if allowed:
             self.tokens = max(0.0, self.tokens - cost)
-        missing = 0.0 if allowed else cost - self.tokens
-        return Decision(
-            allowed=allowed,
-            limit=self.limit,
-            remaining=math.floor(self.tokens + _EPSILON),
-            retry_after_s=missing / self.limit.rate,
-            reset_s=(self.limit.burst - self.tokens) / self.limit.rate,
-        )
+        return decide(self.limit, self.tokens, allowed=allowed, cost=cost)
 
 
 class RateLimiter:
@@ -98,6 +127,13 @@ class RateLimiter:
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return bucket.take(now, cost)
+
+    async def charge(self, key: str, limit: RateLimit, cost: float = 1.0) -> Decision:
+        """``take`` as a :class:`Limiter`."""
+        return self.take(key, limit, cost)
+
+    async def aclose(self) -> None:
+        pass
 
     def peek(self, key: str) -> TokenBucket | None:
         """The bucket of ``key`` if it has one (for tests and diagnostics)."""
