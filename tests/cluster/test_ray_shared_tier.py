@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from conftest import Ingress, StartIngress
 
 MODELS = '''
@@ -26,7 +27,13 @@ store = "{redis_url}"
 [cache]
 enabled = true
 secret = "{"s" * 32}"
-tiers = [{{ tier = "memory" }}, {{ tier = "redis", options = {{ url = "{redis_url}", prefix = "{prefix}" }} }}]
+
+[[cache.tiers]]
+tier = "memory"
+
+[[cache.tiers]]
+tier = "redis"
+options = {{ url = "{redis_url}", prefix = "{prefix}" }}
 
 [auth]
 rate_limits = {{ anonymous = {{ rate = 0.001, burst = 6 }} }}
