@@ -72,6 +72,7 @@ def _shared_generations(tiers: list[CacheTier]) -> Generations | None:
     for tier in tiers:
         inner = tier.inner if isinstance(tier, DedupTier) else tier
         if isinstance(inner, SharesPurges):
+            inner.preload()
             return inner.purge_generations()
     return None
 

@@ -53,6 +53,10 @@ class SharesPurges(Protocol):
     def purge_generations(self) -> Generations:
         """The index every server using this tier reads and bumps."""
 
+    def preload(self) -> None:
+        """Read that index now, blocking (the cache opens off the event loop), so the first
+        keys are built from it; a store that cannot answer leaves it to the first lookup."""
+
 
 class PurgeGenerations:
     """The purge index in ``<cache directory>/generations.json`` (0600, next to the secret).

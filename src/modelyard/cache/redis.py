@@ -122,6 +122,26 @@ class RedisGenerations:
             "generations",
             lambda client: self._load_script(keys=[self._key], args=[secrets.token_hex(8)]),
         )
+        self._adopt(fields)
+
+    def preload(self, url: str, timeout_s: float) -> None:
+        """Read the index once, blocking, when the cache opens (in its worker thread): the
+        first keys this server builds are then current, so its first answers are shared and
+        its first lookups can hit. An unreachable store leaves it to the first lookup."""
+        import redis
+
+        client = redis.Redis.from_url(
+            client_url(url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        try:
+            self._adopt(client.eval(_LOAD, 1, self._key, secrets.token_hex(8)))
+        except redis.RedisError as exc:
+            log.warning("cannot read the shared purge index yet (%s); the first lookup will",
+                        type(exc).__name__)
+        finally:
+            client.close()
+
+    def _adopt(self, fields: list[Any]) -> None:
         tokens = {
             bytes(fields[i]).decode(errors="replace"): bytes(fields[i + 1]).decode(errors="replace")
             for i in range(0, len(fields) - 1, 2)
@@ -165,10 +185,15 @@ class RedisTier(CacheTier):
         self._prefix = options.prefix.encode()
         self._ttl_ms = max(1, round(options.ttl_s * 1000)) if options.ttl_s else None
         self._generations = RedisGenerations(self._store, self._prefix + _INDEX.encode())
+        self._url, self._timeout_s = options.url, options.timeout_s
         self._corrupt = 0
 
     def purge_generations(self) -> Generations:
         return self._generations
+
+    def preload(self) -> None:
+        """Read the shared purge index now (blocking; the cache opens in a worker thread)."""
+        self._generations.preload(self._url, self._timeout_s)
 
     # -- CacheTier -----------------------------------------------------------------------
 
