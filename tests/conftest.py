@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["_services"]
-
 from modelyard.core.plugins import ALLOW_ENV
+
+#: Redis, Ray and Chromium for the tests that need them (tests/_services.py).
+pytest_plugins = ["_services"]
 
 #: ``install(dist, version, modules={name: source}, entry_points={ep_name: "module"})``
 InstallPlugin = Callable[..., Path]

@@ -25,6 +25,7 @@ from modelyard.api.openai import OpenAIController
 from modelyard.api.problems import exception_handlers
 from modelyard.api.schema import StrictStructSchemaPlugin, describe_routes
 from modelyard.api.security import Permission, Security, assert_checked, provide_principal
+from modelyard.api.ui import Console
 from modelyard.api.v2 import V2Controller
 from modelyard.core.plugins import PluginHost
 from modelyard.core.service import InferenceService
@@ -156,7 +157,8 @@ def create_app(
         exception_handlers=exception_handlers,
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=_openapi(),
-        plugins=[StrictStructSchemaPlugin()],
+        # The web console at /ui (api/ui/; nothing with [ui] enabled = false).
+        plugins=[StrictStructSchemaPlugin(), Console(settings.ui, core, guard)],
         lifespan=[lifespan],
         state=State(app_state),
         debug=False,

@@ -143,6 +143,23 @@ POLICIES: Mapping[str, Policy] = {
     "GET /admin/cache": Policy(_I),
     "DELETE /admin/cache": Policy(_O, "query", "cache.purge"),
     "GET /metrics": Policy(_I),
+    # The web console (api/ui/, docs/console.md). Its pages and static files hold no data:
+    # each page's script asks the routes below, and the API above, with the caller's key.
+    "GET /ui": PUBLIC,
+    "GET /ui/models": PUBLIC,
+    "GET /ui/models/{name}": PUBLIC,
+    "GET /ui/playground": PUBLIC,
+    "GET /ui/batches": PUBLIC,
+    "GET /ui/keys": PUBLIC,
+    "GET /ui/plugins": PUBLIC,
+    "GET /ui/static/{path}": PUBLIC,
+    "GET /ui/api/session": Policy(_R),
+    "GET /ui/api/traffic": Policy(_I),
+    "GET /ui/api/models/{name}/activity": Policy(_I, "path"),
+    # Key administration; the handlers audit key.create / key.revoke with the key's id.
+    "GET /ui/api/keys": Policy(Permission.ADMIN),
+    "POST /ui/api/keys": Policy(Permission.ADMIN),
+    "DELETE /ui/api/keys/{key_id}": Policy(Permission.ADMIN),
 }
 #: Path prefixes open to everyone: the OpenAPI schema and its viewers.
 PUBLIC_PREFIXES = ("/schema",)
