@@ -6,8 +6,8 @@ Per module, not per session: Playwright's sync API keeps its event loop marked a
 the main thread while it is open, so a browser left open for the session would break every
 asyncio test collected after these modules.
 
-Screenshots go to the test's temporary directory, or to ``$MODELYARD_CONSOLE_SCREENSHOTS``
-when set (``MODELYARD_CONSOLE_SCREENSHOTS=docs/console`` refreshes the pictures in
+Screenshots go to the test's temporary directory, or to ``$CONSOLE_SCREENSHOTS``
+when set (``CONSOLE_SCREENSHOTS=docs/console`` refreshes the pictures in
 docs/console.md).
 """
 
@@ -129,7 +129,7 @@ def open_console(
     end of the test it must have logged no errors."""
     contexts: list[Any] = []
     pages: list[ConsolePage] = []
-    shots = Path(os.environ.get("MODELYARD_CONSOLE_SCREENSHOTS") or tmp_path)
+    shots = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
 
     def open_(server: LiveServer, viewport: dict[str, int] = DESKTOP) -> ConsolePage:
