@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,3 +164,27 @@ def test_a_replica_killed_under_load_fails_no_request(pair: list[Ingress], names
     assert failed == [], failed[:5]
     with pair[0].client() as http:
         assert http.get("/v2/health/ready").status_code == 200
+
+
+def test_stopping_every_ingress_leaves_nothing_running(
+    pair: list[Ingress], namespace: str, ray_address: str
+) -> None:
+    for ingress in pair:  # SIGTERM: each drains, releases its versions and leaves
+        ingress.stop()
+        # uvicorn re-raises the SIGTERM it handled once shut down (-15); Ray's own handler
+        # used to abort the drain after 3 s instead (-6, SIGABRT).
+        assert ingress.process.returncode in (0, -signal.SIGTERM), ingress.log.read_text()[-3000:]
+        assert "Application shutdown complete" in ingress.log.read_text()
+    for app in ("embed-1", "embed-2", "chat-1"):
+        assert replica_pids(f"{namespace}-{app}") == []
+    probe = subprocess.run([sys.executable, "-c", (
+        "import ray\n"
+        f"ray.init(address='{ray_address}', namespace='{namespace}', log_to_driver=False)\n"
+        "try:\n"
+        "    actor = ray.get_actor('modelyard-coordinator')\n"
+        "    ray.get(actor.running.remote([]), timeout=60)\n"
+        "    print('alive')\n"
+        "except (ValueError, ray.exceptions.RayActorError):\n"  # unknown, or exited
+        "    print('gone')\n"
+    )], capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().splitlines()[-1] == "gone", probe.stderr[-2000:]

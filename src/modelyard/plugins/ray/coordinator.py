@@ -18,11 +18,15 @@ import time
 import msgspec
 
 from modelyard.core.cluster import ClusterState, ModelRouting
+from modelyard.plugins.ray.metrics import relabel
 
 __all__ = ["Claim", "Coordinator"]
 
 #: Replica metrics older than this are from a replica that is gone.
 METRICS_STALE_S = 30.0
+#: How old the running-replica counts may be: one ``serve.status()`` per namespace at most this
+#: often, whatever the number of ingresses (it costs tens of ms of CPU per call, more per app).
+RUNNING_TTL_S = 2.0
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -42,6 +46,24 @@ class Coordinator:
         self._settled: dict[str, asyncio.Event] = {}
         self._failures: dict[str, str] = {}
         self._metrics: dict[str, tuple[float, bytes]] = {}
+        self._running: dict[str, int] = {}
+        self._ingresses: set[str] = set()
+        self._running_at = -RUNNING_TTL_S
+        self._polling = asyncio.Lock()
+
+    # -- members -----------------------------------------------------------------------------
+
+    async def join(self, ingress: str) -> None:
+        self._ingresses.add(ingress)
+
+    async def leave(self, ingress: str) -> None:
+        """An ingress stopping (after releasing its versions). The last one to leave, with no
+        application left, ends this actor: a namespace left unused keeps nothing running."""
+        self._ingresses.discard(ingress)
+        if not self._ingresses and not self._apps:
+            import ray
+
+            ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -85,6 +107,7 @@ class Coordinator:
 
     async def deployed(self, app: str, ok: bool) -> None:
         """The deploying ingress's outcome; a failed app is forgotten so a retry deploys."""
+        self._running_at = -RUNNING_TTL_S  # the next ask sees the new app
         if ok:
             self._apps[app] = "running"
         else:
@@ -109,6 +132,7 @@ class Coordinator:
         return True
 
     async def gone(self, app: str) -> None:
+        self._running_at = -RUNNING_TTL_S
         self._apps.pop(app, None)
         self._users.pop(app, None)
         self._settle(app)
@@ -122,6 +146,14 @@ class Coordinator:
         if event is not None:
             event.set()
 
+    async def running(self, apps: list[str]) -> dict[str, int]:
+        """Running replicas of each of ``apps``, at most ``RUNNING_TTL_S`` old."""
+        async with self._polling:
+            if time.monotonic() - self._running_at >= RUNNING_TTL_S:
+                self._running = await asyncio.to_thread(_running_by_app, list(self._apps))
+                self._running_at = time.monotonic()
+        return {app: self._running.get(app, 0) for app in apps}
+
     # -- metrics -------------------------------------------------------------------------------
 
     async def report_metrics(self, replica: str, exposition: bytes) -> None:
@@ -132,3 +164,21 @@ class Coordinator:
         for key in [k for k, (at, _) in self._metrics.items() if now - at > METRICS_STALE_S]:
             del self._metrics[key]
         return {key: body for key, (_, body) in self._metrics.items()}
+
+    async def exposition(self) -> bytes:
+        """Every replica's metrics, relabelled here once rather than in every ingress."""
+        return relabel(await self.metrics())
+
+
+def _running_by_app(apps: list[str]) -> dict[str, int]:
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    statuses = serve.status().applications
+    running: dict[str, int] = {}
+    for app in apps:
+        status = statuses.get(app)
+        running[app] = 0 if status is None else sum(
+            d.replica_states.get(ReplicaState.RUNNING, 0) for d in status.deployments.values()
+        )
+    return running

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,6 @@ from modelyard.core.errors import ModelLoadError
 from modelyard.core.plugins import PluginHost
 from modelyard.core.settings import ModelSpec, Settings
 from modelyard.plugins.ray.coordinator import Claim, Coordinator
-from modelyard.plugins.ray.metrics import relabel
 from modelyard.plugins.ray.names import COORDINATOR, app_name, deployment_name
 from modelyard.plugins.ray.remote import RayBackend
 from modelyard.plugins.ray.replica import ModelReplica, ReplicaFacts
@@ -76,6 +77,7 @@ class RayCluster(Cluster):
 
     async def start(self) -> None:
         await asyncio.to_thread(self._connect)
+        _reclaim_signals()
         loop = asyncio.get_running_loop()
         self._refresh = loop.create_task(self._refresh_metrics())
         self._watching = loop.create_task(self._watch_replicas())
@@ -104,6 +106,7 @@ class RayCluster(Cluster):
             lifetime="detached", num_cpus=0, max_concurrency=10_000,
         )
         self._coordinator = actor.remote()
+        ray.get(self._coordinator.join.remote(self.ingress_id))
         log.info("joined Ray at %s (namespace %s) as ingress %s", address,
                  self._cluster.namespace, self.ingress_id)
 
@@ -113,6 +116,9 @@ class RayCluster(Cluster):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._coordinator is not None:
+            with contextlib.suppress(Exception):  # the last one out ends the coordinator
+                await self._coordinator.leave.remote(self.ingress_id)
         if self._started_ray:
             import ray
 
@@ -126,7 +132,16 @@ class RayCluster(Cluster):
         app = app_name(self._cluster.namespace, spec.name, spec.version)
         await self._ensure_app(app, spec, progress)
         self._running.setdefault(app, 1)
-        handle = serve.get_app_handle(app)
+        handle = serve.get_app_handle(app)  # cached: one per process and application
+        # Fewer hops per call: Serve's router runs on this event loop, not a thread of its
+        # own, and calls reach the replicas over Serve's gRPC instead of Ray actor tasks.
+        try:  # private options of Ray 2.60: without them, the default (slower) path
+            if not handle.is_initialized:
+                handle._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
+            handle = handle.options(_by_reference=False)
+        except (AttributeError, TypeError, ValueError):
+            log.warning("this Ray version lacks the handle options modelyard uses; "
+                        "calls take Serve's default path")
         progress("connecting", 80.0)
         facts: ReplicaFacts = await handle.describe.remote()
         context = LoadContext(
@@ -174,14 +189,23 @@ class RayCluster(Cluster):
         from ray import serve
 
         placement = spec.placement
+        actor_options: dict[str, Any] = {"num_cpus": 0, **placement.ray_actor_options}
+        runtime_env = dict(actor_options.get("runtime_env") or {})
+        # The replica runs ModelReplica on Serve's own event loop: one thread hop less a call.
+        runtime_env["env_vars"] = {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **runtime_env.get("env_vars", {})
+        }
+        actor_options["runtime_env"] = runtime_env
         options: dict[str, Any] = {
             "name": deployment_name(spec.name, spec.version),
             # Replicas share cores as one process's models do unless config reserves some.
-            "ray_actor_options": {"num_cpus": 0, **placement.ray_actor_options},
+            "ray_actor_options": actor_options,
             "max_ongoing_requests": max(64, spec.batching.max_queue_size),
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "health_check_period_s": 2.0,
             "health_check_timeout_s": 30.0,
+            # Serve's access log writes a line per call: the ingress logs requests already.
+            "logging_config": {"enable_access_log": False},
         }
         if placement.autoscaling is not None:
             scaling = placement.autoscaling
@@ -213,11 +237,11 @@ class RayCluster(Cluster):
     async def _watch_replicas(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                self._running.update(await asyncio.to_thread(_running_by_app, list(self._running)))
+                self._running.update(await self._coordinator.running.remote(list(self._running)))
             await asyncio.sleep(_REPLICAS_REFRESH_S)
 
     async def _health(self, app: str) -> HealthReport:
-        running = (await asyncio.to_thread(_running_by_app, [app]))[app]
+        running = (await self._coordinator.running.remote([app]))[app]
         self._running[app] = running
         if running < 1:
             return HealthReport(healthy=False, detail="no replica is running")
@@ -246,9 +270,23 @@ class RayCluster(Cluster):
 
     async def refresh_metrics(self) -> bytes:
         """Fetch every replica's latest metrics now (``/metrics`` serves the last fetch)."""
-        bodies: dict[str, bytes] = await self._coordinator.metrics.remote()
-        self._metrics = relabel(bodies)
+        self._metrics = await self._coordinator.exposition.remote()
         return self._metrics
+
+
+def _reclaim_signals() -> None:
+    """Give SIGTERM and SIGINT back to the server's drain.
+
+    ``ray.init`` installs Ray's C++ failure handler over them, which aborts the process 3 s
+    after a SIGTERM (absl's alarm): the drain and the release of the versions' replicas were
+    cut short, leaving replicas and the coordinator running. Call from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # inside a Serve replica (RayService) or a test's server thread: not ours
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _serve_has(app: str) -> bool:
@@ -261,17 +299,3 @@ def _serve_delete(app: str) -> None:
     from ray import serve
 
     serve.delete(app, _blocking=True)
-
-
-def _running_by_app(apps: list[str]) -> dict[str, int]:
-    from ray import serve
-    from ray.serve._private.common import ReplicaState
-
-    statuses = serve.status().applications
-    running: dict[str, int] = {}
-    for app in apps:
-        status = statuses.get(app)
-        running[app] = 0 if status is None else sum(
-            d.replica_states.get(ReplicaState.RUNNING, 0) for d in status.deployments.values()
-        )
-    return running
