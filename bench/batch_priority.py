@@ -1,14 +1,16 @@
 """Interactive latency with a batch job running (issue #23), on a fake backend (no model files).
 
     .venv/bin/python bench/batch_priority.py [--clients 4 --seconds 3 --rounds 3 --lines 3000]
+        [--max-in-flight N] [--batches '{"checkpoint_every_lines": 1}']
 
 Serves one embeddings model on the ``slow`` fake backend (each call costs
 ``delay + per_item * batch``) over a real uvicorn on 127.0.0.1. Each round measures the
 latency of ``--clients`` closed-loop interactive clients for ``--seconds`` without a batch job,
 then the same with a batch job of ``--lines`` lines running (uploaded to ``/v1/files``,
 created on ``/v1/batches``), then waits (bounded) for that job to finish before the next
-round. Prints the per-round p50/p99 of both conditions, their medians, the p99 ratio (target
-<= 1.25x) and whether every job completed with all of its lines.
+round. Prints the per-round p50/p99 of both conditions, the job's lines per second while
+measured and its time to finish, the medians, the p99 ratio (target <= 1.25x) and whether
+every job completed with all of its lines.
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ async def _batch(client: httpx.AsyncClient, batch_id: str) -> dict[str, Any]:
     return result
 
 
-async def _start_job(client: httpx.AsyncClient, payload: bytes, timeout: float) -> str:
+async def _start_job(
+    client: httpx.AsyncClient, payload: bytes, timeout: float
+) -> tuple[str, int, float]:
+    """The batch id, once it answers lines; its lines done then, and when it was created."""
     r = await client.post("/v1/files", files={"file": ("in.jsonl", payload)},
                           data={"purpose": "batch"})
     assert r.status_code == 200, r.text
@@ -87,11 +92,12 @@ async def _start_job(client: httpx.AsyncClient, payload: bytes, timeout: float) 
                                                "completion_window": "24h"})
     assert r.status_code == 200, r.text
     batch_id: str = r.json()["id"]
-    deadline = time.monotonic() + timeout
+    created = time.monotonic()
+    deadline = created + timeout
     while True:  # measure only once lines are being answered
         batch = await _batch(client, batch_id)
         if batch["status"] == "in_progress" and batch["request_counts"]["completed"] > 0:
-            return batch_id
+            return batch_id, batch["request_counts"]["completed"], created
         if batch["status"] in FINISHED or time.monotonic() > deadline:
             raise RuntimeError(f"batch did not start: {batch['status']}")
         await asyncio.sleep(0.02)
@@ -115,10 +121,12 @@ async def _run(url: str, args: argparse.Namespace) -> tuple[list[Any], list[dict
         await _interactive(client, args.clients, 0.5)  # warm up
         for _ in range(args.rounds):
             alone = await _interactive(client, args.clients, args.seconds)
-            batch_id = await _start_job(client, payload, args.job_timeout)
+            batch_id, before, created = await _start_job(client, payload, args.job_timeout)
             shared = await _interactive(client, args.clients, args.seconds)
             during = await _batch(client, batch_id)
+            during["lines_per_s"] = (during["request_counts"]["completed"] - before) / args.seconds
             done = await _finish(client, batch_id, args.job_timeout)
+            done["took_s"] = time.monotonic() - created
             rounds.append((alone, shared, during))
             jobs.append(done)
     return rounds, jobs
@@ -134,8 +142,12 @@ def main() -> None:
                         help="longest wait for a job to start, then to finish (seconds)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="[batches] max_in_flight_per_model (default: the setting's)")
+    parser.add_argument("--batches", type=json.loads, default={},
+                        help="more [batches] settings, as a JSON object")
     args = parser.parse_args()
-    share = {} if args.max_in_flight is None else {"max_in_flight_per_model": args.max_in_flight}
+    share = dict(args.batches)
+    if args.max_in_flight is not None:
+        share["max_in_flight_per_model"] = args.max_in_flight
 
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-") as cache_dir:
         settings = decode_settings({
@@ -157,18 +169,23 @@ def main() -> None:
           f"batch <= {MAX_BATCH}; batch share: max_in_flight_per_model "
           f"{batches.max_in_flight_per_model}, admit_below_queue_depth "
           f"{batches.admit_below_queue_depth})\n")
-    print("| round | condition | requests | p50 ms   | p99 ms   | batch lines done         |")
-    print("|-------|-----------|----------|----------|----------|--------------------------|")
+    print("| round | condition | requests | p50 ms   | p99 ms   | batch lines done          "
+          "| job lines/s | job took s |")
+    print("|-------|-----------|----------|----------|----------|---------------------------"
+          "|-------------|------------|")
     p50s: dict[str, list[float]] = {"alone": [], "job": []}
     p99s: dict[str, list[float]] = {"alone": [], "job": []}
-    for i, (alone, shared, during) in enumerate(rounds, 1):
+    for i, ((alone, shared, during), job) in enumerate(zip(rounds, jobs, strict=True), 1):
         for name, samples in (("alone", alone), ("job", shared)):
             p50s[name].append(_pct(samples, 0.5))
             p99s[name].append(_pct(samples, 0.99))
-            lines = (f"{during['request_counts']['completed']} / {args.lines} "
-                     f"({during['status']})" if name == "job" else "")
+            lines = rate = took = ""
+            if name == "job":
+                lines = (f"{during['request_counts']['completed']} / {args.lines} "
+                         f"({during['status']})")
+                rate, took = f"{during['lines_per_s']:.0f}", f"{job['took_s']:.1f}"
             print(f"| {i:>5} | {name:<9} | {len(samples):8d} | {p50s[name][-1]:8.3f} "
-                  f"| {p99s[name][-1]:8.3f} | {lines:<24} |")
+                  f"| {p99s[name][-1]:8.3f} | {lines:<25} | {rate:>11} | {took:>10} |")
     med = {k: (statistics.median(p50s[k]), statistics.median(p99s[k])) for k in p50s}
     print("\n| condition | median p50 ms | median p99 ms |")
     print("|-----------|---------------|---------------|")

@@ -6,7 +6,9 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from modelyard.core.batch_timing import BatchRun, BatchTiming
@@ -19,30 +21,47 @@ from modelyard.core.errors import (
 from modelyard.core.logs import current_request
 from modelyard.core.results import result_mismatch
 from modelyard.core.stuck import StuckCalls
-from modelyard.core.types import InferenceRequest, InferenceResult
+from modelyard.core.types import InferenceRequest, InferenceResult, Task
 
 if TYPE_CHECKING:
     from modelyard.core.backend import Backend
 
-__all__ = ["BatchRun", "BatchTiming", "Batcher", "Clock"]
+__all__ = ["BatchRun", "BatchTiming", "Batcher", "Clock", "background_work"]
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
+
+_BACKGROUND: ContextVar[bool] = ContextVar("modelyard_background", default=False)
+
+
+@contextmanager
+def background_work() -> Iterator[None]:
+    """Requests submitted inside this block are background work (batch job lines).
+
+    The mark travels with the task's context through the pipeline to ``Batcher.submit``,
+    which queues such a request behind every interactive one (see ``Batcher``).
+    """
+    token = _BACKGROUND.set(True)
+    try:
+        yield
+    finally:
+        _BACKGROUND.reset(token)
 
 _Call = asyncio.Task[list[InferenceResult]]
 
 
 class _Pending:
-    __slots__ = ("enqueued_at", "future", "request", "request_id", "timing")
+    __slots__ = ("background", "enqueued_at", "future", "request", "request_id", "timing")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[InferenceResult], now: float,
-        timing: BatchTiming | None = None,
+        timing: BatchTiming | None = None, background: bool = False,
     ) -> None:
         self.request = request
         self.future = future
         self.enqueued_at = now
         self.timing = timing
+        self.background = background
         # Workers run outside the request's context: keep its id for the log lines they write.
         info = current_request()
         self.request_id = info.request_id if info is not None else None
@@ -63,6 +82,16 @@ class Batcher:
     ``stuck_after_s`` later (a native call that cannot be interrupted) is *stuck*: it is
     counted in ``stuck_calls``, the version turns ``unhealthy`` (``on_stuck`` is told) and
     every request is refused with 503 until the call returns.
+
+    Background requests (submitted inside ``background_work()``: batch job lines) queue
+    apart and never go before an interactive one. A batch with interactive requests takes
+    background ones into the slots it leaves free, at most ``background_share`` of
+    ``max_batch_size`` (at least one); background requests run a batch of their own, a full
+    one, only once interactive traffic has been quiet for ``background_idle_s`` (nothing
+    interactive queued or inside the backend): an interactive request then waits at most for
+    one call already running. A background request that has waited
+    ``background_max_wait_s`` ages into the interactive queue at its arrival time, so a job
+    still moves while interactive batches are full.
     """
 
     def __init__(
@@ -79,6 +108,9 @@ class Batcher:
         model: str | None = None,
         stuck_after_s: float = 5.0,
         on_stuck: Callable[[str], None] | None = None,
+        background_share: float = 0.25,
+        background_idle_s: float = 0.05,
+        background_max_wait_s: float = 1.0,
     ) -> None:
         self._backend = backend
         #: The model name errors and log lines speak of.
@@ -97,7 +129,16 @@ class Batcher:
         self.stuck = StuckCalls(
             self.model, clock=clock, stuck_after_s=stuck_after_s, on_stuck=self._became_stuck
         )
+        #: Background requests a batch with interactive ones may take, at most.
+        self.background_slots = max(1, int(self.max_batch_size * background_share))
+        self.background_idle_s = background_idle_s
+        self.background_max_wait_s = background_max_wait_s
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._background: collections.deque[_Pending] = collections.deque()
+        #: When interactive traffic was last seen (queued, or a batch of it finished), and
+        #: how many batches with interactive requests are inside the backend now.
+        self._interactive_at = -float("inf")
+        self._interactive_busy = 0
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self.batches_run = 0
@@ -108,8 +149,14 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Requests waiting in the queue now (those that left are gone at once)."""
+        """Interactive requests waiting now (those that left are gone at once); background
+        requests that aged into the interactive queue count here."""
         return len(self._queue)
+
+    @property
+    def background_depth(self) -> int:
+        """Background requests (batch job lines) waiting behind the interactive queue."""
+        return len(self._background)
 
     @property
     def stuck_after_s(self) -> float:
@@ -150,7 +197,8 @@ class Batcher:
     async def drain(self, timeout_s: float) -> None:
         """Wait, ``timeout_s`` at most, until the requests queued or inside the backend now
         have their answers: a version taken out of service finishes them before it stops."""
-        held = [*self._queue, *(p for batch in self._executing.values() for p in batch)]
+        held = [*self._queue, *self._background,
+                *(p for batch in self._executing.values() for p in batch)]
         waiting = [p.future for p in held if not p.future.done()]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout_s)
@@ -162,15 +210,20 @@ class Batcher:
         reason = self.unhealthy
         if reason:
             raise self._unhealthy_error(reason)
-        if len(self._queue) >= self.max_queue_size:
+        background = _BACKGROUND.get()
+        queue = self._background if background else self._queue
+        if len(queue) >= self.max_queue_size:
             raise QueueFullError(
                 f"queue full ({self.max_queue_size} waiting); retry shortly", retry_after=1
             )
         future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
         if timing is not None:
             timing.enqueued_ns = time.time_ns()
-        pending = _Pending(request, future, self._clock(), timing)
-        self._queue.append(pending)
+        now = self._clock()
+        pending = _Pending(request, future, now, timing, background)
+        queue.append(pending)
+        if not background:
+            self._interactive_at = now
         self._wakeup.set()
         try:
             return await future
@@ -181,30 +234,89 @@ class Batcher:
             raise
 
     def _discard(self, pending: _Pending) -> None:
-        try:
-            self._queue.remove(pending)
-        except ValueError:
-            pass  # already taken into a batch
+        for queue in (self._queue, self._background):
+            try:
+                queue.remove(pending)
+            except ValueError:
+                continue  # not (or no longer) in this queue
+            return
 
     async def _run(self) -> None:
-        last_batch = 0  # per worker: what this worker's callers will send back
+        last_batch = 0  # per worker: what this worker's interactive callers will send back
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if self._background:
+                self._age_background()
+            if self._queue:
+                await self._wait_for_company()
+                await self._wait_for_refill(last_batch)
+            elif not self._background_may_run():
+                await self._wait_for_work()
                 continue
-            await self._wait_for_company()
-            await self._wait_for_refill(last_batch)
-            batch = self._take_batch()
+            batch, interactive = self._take_batch()
             if batch:
-                last_batch = len(batch)
-                self.in_flight += 1
-                self._executing[id(batch)] = batch
-                try:
-                    await self._execute(batch)
-                finally:
-                    self.in_flight -= 1
-                    del self._executing[id(batch)]
+                last_batch = interactive
+                await self._run_batch(batch, interactive)
+
+    async def _run_batch(self, batch: list[_Pending], interactive: int) -> None:
+        self.in_flight += 1
+        self._interactive_busy += interactive > 0
+        self._executing[id(batch)] = batch
+        try:
+            await self._execute(batch)
+        finally:
+            self.in_flight -= 1
+            del self._executing[id(batch)]
+            if interactive:
+                self._interactive_busy -= 1
+                self._interactive_at = self._clock()
+                if self._background:
+                    self._wakeup.set()  # an idle worker may now count the quiet from here
+
+    # -- background requests ------------------------------------------------------------------
+
+    def _age_background(self) -> None:
+        """Move the background requests that waited ``background_max_wait_s`` into the
+        interactive queue, each at its arrival time (behind those that came before it)."""
+        now = self._clock()
+        while self._background and self._aged_at(self._background[0]) <= now:
+            aged = self._background.popleft()
+            at = len(self._queue)
+            while at > 0 and self._queue[at - 1].enqueued_at > aged.enqueued_at:
+                at -= 1
+            self._queue.insert(at, aged)
+
+    def _aged_at(self, pending: _Pending) -> float:
+        return pending.enqueued_at + self.background_max_wait_s
+
+    def _quiet_at(self) -> float:
+        """When interactive traffic will have been quiet long enough for background alone."""
+        return self._interactive_at + self.background_idle_s
+
+    def _background_may_run(self) -> bool:
+        """Whether a batch of background requests alone may start now."""
+        return (
+            bool(self._background)
+            and not self._interactive_busy
+            and self._clock() >= self._quiet_at()
+        )
+
+    async def _wait_for_work(self) -> None:
+        """Wait for a request, or until waiting background requests may run or age."""
+        self._wakeup.clear()
+        if not self._background:
+            await self._wakeup.wait()
+            return
+        # The same sums as the checks above, so that a deadline reached is a check passed.
+        due = self._aged_at(self._background[0])
+        if not self._interactive_busy:
+            due = min(due, self._quiet_at())
+        remaining = due - self._clock()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+        except TimeoutError:
+            return
 
     async def _wait_for_company(self) -> None:
         if self.max_queue_delay_s <= 0 or len(self._queue) >= self.max_batch_size:
@@ -237,12 +349,28 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self) -> tuple[list[_Pending], int]:
+        """Interactive requests first, then background ones in the slots left; the batch and
+        how many interactive requests it holds."""
         batch: list[_Pending] = []
-        task = None
+        task = self._take_from(self._queue, batch, None)
+        interactive = sum(1 for p in batch if not p.background)
+        if len(batch) < self.max_batch_size and self._background:
+            room = self.max_batch_size
+            if interactive:
+                room = min(room, len(batch) + self.background_slots)
+            self._take_from(self._background, batch, task, room)
+        return batch, interactive
+
+    def _take_from(
+        self, queue: collections.deque[_Pending], batch: list[_Pending], task: Task | None,
+        room: int | None = None,
+    ) -> Task | None:
+        """Move requests of one task from ``queue`` into ``batch`` while it has room."""
         skipped: list[_Pending] = []
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
+        room = self.max_batch_size if room is None else room
+        while queue and len(batch) < room:
+            pending = queue.popleft()
             if pending.future.done():  # cancelled while queued: never executed
                 continue
             if task is None:
@@ -251,8 +379,8 @@ class Batcher:
                 skipped.append(pending)
                 continue
             batch.append(pending)
-        self._queue.extendleft(reversed(skipped))
-        return batch
+        queue.extendleft(reversed(skipped))
+        return task
 
     # -- one backend call ----------------------------------------------------------------------
 
@@ -359,10 +487,11 @@ class Batcher:
                 pending.future.set_exception(exc)
 
     def _fail_queued(self, exc: Exception) -> None:
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(exc)
+        for queue in (self._queue, self._background):
+            while queue:
+                pending = queue.popleft()
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
 
     # -- calls that outlive their callers ------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """``BatchRunner``: runs batch jobs line by line, behind interactive traffic, resumably.
 
 Each job is one task. Its lines enter the model's pipeline through ``LineExecutor`` (the same
-translation the live endpoints use) under the batch share: at most
-``max_in_flight_per_model`` batch lines per model, each admitted only while the model's queue
-is short. Every answer is checkpointed (``JobStore.record``) before the next counts as done;
-a restarted runner skips the lines already recorded. Cancelling a job cancels its lines in
-flight (their callers leave, so the batcher drops them) and writes what was answered.
+translation the live endpoints use) as background work (``background_work``: the model's
+batcher serves them behind every interactive request) under the batch share: at most
+``max_in_flight_per_model`` batch lines per model, each admitted only while the model's
+interactive queue is short. Answers are checkpointed in groups (``JobStore.record``, then
+``flush`` every ``checkpoint_every_lines`` lines or ``checkpoint_every_s`` seconds); a
+restarted runner skips the lines already committed and runs the others again. Cancelling a
+job cancels its lines in flight (their callers leave, so the batcher drops them) and writes
+what was answered.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from modelyard.core.batching import background_work
 from modelyard.core.jobs.files import FileStore
 from modelyard.core.jobs.inputs import read_input
 from modelyard.core.jobs.model import (
@@ -73,6 +77,8 @@ class BatchRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        #: Commits the lines recorded so far ``checkpoint_every_s`` after the first of them.
+        self._flusher: asyncio.Task[None] | None = None
         self.listeners: list[ProgressListener] = []
 
     # -- control ---------------------------------------------------------------------------
@@ -101,6 +107,8 @@ class BatchRunner:
     async def stop(self) -> None:
         """Cancel every job task; their checkpoints stay, the next start resumes them."""
         tasks = list(self._tasks.values())
+        if self._flusher is not None:
+            tasks.append(self._flusher)  # the store commits what waits when it closes
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,7 +226,26 @@ class BatchRunner:
                          "body": result.body},
             "error": None,
         })
-        if self._store.record(batch_id, index, ok, payload):
+        self._store.record(batch_id, index, ok, payload)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Commit the lines answered once ``checkpoint_every_lines`` wait, else soon after."""
+        unsaved = self._store.unsaved
+        if unsaved >= self._settings.checkpoint_every_lines:
+            self._flush()
+        elif unsaved and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await self._sleep(self._settings.checkpoint_every_s)
+        try:
+            self._flush()
+        except Exception:  # noqa: BLE001 - the lines stay buffered; the next flush retries
+            log.exception("batch checkpoint failed")
+
+    def _flush(self) -> None:
+        for batch_id in self._store.flush():
             self._notify(batch_id)
 
     async def _attempts(self, endpoint: str, line: InputLine, tenant: str) -> LineResult:
@@ -226,7 +253,8 @@ class BatchRunner:
         attempt = 1
         while True:
             try:
-                result = await self._execute(endpoint, line.body, tenant)
+                with background_work():  # queued behind interactive requests (core/batching)
+                    result = await self._execute(endpoint, line.body, tenant)
             except Exception:  # noqa: BLE001 - the executor should not raise; count a failure
                 log.exception("batch line %r failed", line.custom_id)
                 result = LineResult(status_code=500, body={"error": {

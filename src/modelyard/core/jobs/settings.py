@@ -29,11 +29,17 @@ class BatchSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     retry_backoff_s: Annotated[float, Meta(ge=0)] = 1.0
     #: The batch share: at most this many batch lines of all jobs in flight per model.
     max_in_flight_per_model: Annotated[int, Meta(ge=1)] = 4
-    #: A batch line enters a model's queue only while fewer requests than this wait there,
-    #: so interactive requests never queue behind a job.
+    #: A batch line enters the pipeline only while fewer interactive requests than this wait
+    #: in the model's queue (the batcher then serves it behind every interactive request).
     admit_below_queue_depth: Annotated[int, Meta(ge=1)] = 4
     #: How often a waiting line looks at the queue again (seconds).
     admit_poll_s: Annotated[float, Meta(gt=0)] = 0.02
+    #: Answered lines are committed to the database in groups: once this many wait, ...
+    checkpoint_every_lines: Annotated[int, Meta(ge=1)] = 32
+    #: ... and at most this long (seconds) after a line is answered. A line answered but not
+    #: committed when the process dies runs again after the restart (the output still holds
+    #: it once); ``checkpoint_every_lines = 1`` commits every line on its own.
+    checkpoint_every_s: Annotated[float, Meta(ge=0)] = 0.1
     #: Seconds an uploaded or output file is kept; None keeps files until deleted.
     file_expiry_s: Annotated[float, Meta(gt=0)] | None = 30 * _DAY_S
     #: Bytes of files one principal may store; None: no quota.
