@@ -42,6 +42,8 @@ class FakeRuntime:
         self.step_cost_s = step_cost_s
         self.batches: list[list[tuple[int, int, int, bool]]] = []
         self.forgotten: list[int] = []
+        self.kept: list[tuple[int, int, int]] = []  # keep_prefix calls: (seq, keep, cached)
+        self.can_cut = True  # False: like recurrent memory, a partial cut clears everything
         self.live_samplers = 0
         self.fail_with: int | None = None
         self.refuse_sampler = False
@@ -71,6 +73,13 @@ class FakeRuntime:
     def forget(self, seq: int) -> None:
         self.forgotten.append(seq)
 
+    def keep_prefix(self, seq: int, keep: int, cached: int) -> int:
+        self.kept.append((seq, keep, cached))
+        if keep and self.can_cut:
+            return keep
+        self.forget(seq)
+        return 0
+
     def is_eog(self, token: int) -> bool:
         return token == self.eog
 
@@ -85,8 +94,10 @@ class FakeRuntime:
 async def engine_for() -> AsyncIterator[Any]:
     engines: list[Engine] = []
 
-    def start(runtime: FakeRuntime, *, max_queue: int = 8, prefill_chunk: int = 8) -> Engine:
-        engine = Engine(runtime, max_queue=max_queue, prefill_chunk=prefill_chunk)  # type: ignore[arg-type]
+    def start(
+        runtime: FakeRuntime, *, max_queue: int = 8, prefill_chunk: int = 8, **prefix: Any
+    ) -> Engine:
+        engine = Engine(runtime, max_queue=max_queue, prefill_chunk=prefill_chunk, **prefix)  # type: ignore[arg-type]
         engine.start()
         engines.append(engine)
         return engine
@@ -329,3 +340,143 @@ async def test_stopping_fails_running_and_waiting_requests_with_503_and_frees_ll
     assert runtime.closed.is_set()
     with pytest.raises(ServiceUnavailableError):
         engine.submit([0], GREEDY, 1)
+
+
+# -- prefix cache ----------------------------------------------------------------------------
+
+PREFIX_ON = {"prefix_cache": True, "min_prefix_tokens": 4}
+
+
+def prompt_positions(runtime: FakeRuntime, tokens: set[int]) -> list[int]:
+    """Positions at which any of ``tokens`` was fed, over every batch so far."""
+    return [pos for batch in runtime.batches for _, tok, pos, _ in batch if tok in tokens]
+
+
+async def test_a_shared_prefix_is_not_decoded_again(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, **PREFIX_ON)
+    system = list(range(100, 130))
+    await collect(engine.submit([*system, 40, 41], GREEDY, 3))
+    runtime.batches.clear()
+    second = await collect(engine.submit([*system, 60, 61, 62], GREEDY, 3))
+    fed = [(pos, tok) for batch in runtime.batches for _, tok, pos, _ in batch]
+    # Only the new suffix went through llama_decode, at the positions after the prefix.
+    assert fed[:3] == [(30, 60), (31, 61), (32, 62)]
+    assert not any(100 <= tok < 130 for _, tok in fed)
+    # The cells past the prefix (the old tail, 2 prompt + 2 fed output tokens) were dropped.
+    assert runtime.kept[-1] == (0, 30, 34)
+    assert engine.prefix_cache_stats().hits == 1
+    assert engine.prefix_cache_stats().tokens_reused == 30
+    assert text_of(second) == "lmn"  # what 62 -> 63, 64, 65 spell without any cache
+    assert (second[-1].prompt_tokens, second[-1].completion_tokens) == (33, 3)
+
+
+async def test_a_prompt_cached_whole_still_decodes_its_last_token(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, **PREFIX_ON)
+    prompt = list(range(100, 120))
+    first = await collect(engine.submit(prompt, GREEDY, 2))
+    runtime.batches.clear()
+    again = await collect(engine.submit(prompt, GREEDY, 2))
+    # Its logits give the first token: llama-server's "evaluate at least one token" rule.
+    assert runtime.batches[0] == [(0, 119, 19, True)]
+    assert runtime.kept[-1] == (0, 19, 21)
+    assert text_of(again) == text_of(first)
+
+
+async def test_the_generated_tokens_are_part_of_the_cached_prefix(engine_for: Any) -> None:
+    # A chat's next turn repeats the previous answer: it is in the cells already.
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, **PREFIX_ON)
+    prompt = list(range(100, 110))
+    await collect(engine.submit(prompt, GREEDY, 4))  # samples 110, 111, 112, 113
+    runtime.batches.clear()
+    await collect(engine.submit([*prompt, 110, 111, 112, 113, 7], GREEDY, 1))
+    # 110-112 were fed while generating; 113 (sampled last) was never fed, so it is decoded.
+    assert runtime.batches[0] == [(0, 113, 13, False), (0, 7, 14, True)]
+
+
+async def test_a_newcomer_goes_to_the_free_slot_holding_its_longest_prefix(
+    engine_for: Any,
+) -> None:
+    runtime = FakeRuntime(slots=3, step_cost_s=0.002)
+    engine = engine_for(runtime, **PREFIX_ON)
+    long_a, long_b = list(range(100, 140)), list(range(200, 240))
+    await asyncio.gather(  # admitted together: slots 0 and 1
+        collect(engine.submit(long_a, GREEDY, 2)), collect(engine.submit(long_b, GREEDY, 2))
+    )
+    runtime.batches.clear()
+    await collect(engine.submit([*long_b[:25], *long_a[:30], 5], GREEDY, 2))
+    assert {seq for batch in runtime.batches for seq, *_ in batch} == {1}
+    assert runtime.kept[-1] == (1, 25, 41)
+    runtime.batches.clear()
+    await collect(engine.submit([*long_a[:12], 5], GREEDY, 2))
+    assert {seq for batch in runtime.batches for seq, *_ in batch} == {0}
+
+
+async def test_a_prefix_shorter_than_min_prefix_tokens_is_not_reused(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, prefix_cache=True, min_prefix_tokens=8)
+    await collect(engine.submit(list(range(100, 120)), GREEDY, 1))
+    runtime.batches.clear()
+    await collect(engine.submit([*range(100, 107), 5], GREEDY, 1))
+    assert prompt_positions(runtime, set(range(100, 107))) == list(range(7))
+    assert runtime.kept[-1] == (0, 0, 20)
+    assert runtime.forgotten == [0]
+    stats = engine.prefix_cache_stats()
+    assert (stats.requests, stats.hits, stats.tokens_reused, stats.prompt_tokens) == (2, 0, 0, 28)
+
+
+async def test_with_the_prefix_cache_off_nothing_is_reused(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, prefix_cache=False, min_prefix_tokens=4)
+    prompt = list(range(100, 130))
+    first = await collect(engine.submit(prompt, GREEDY, 3))
+    again = await collect(engine.submit(prompt, GREEDY, 3))
+    assert prompt_positions(runtime, set(prompt)) == [*range(30), *range(30)]
+    assert runtime.forgotten == [0, 0]  # cleared as each request ended
+    assert runtime.kept == []
+    assert text_of(again) == text_of(first)
+    assert engine.prefix_cache_stats().hits == 0
+
+
+async def test_a_failed_decode_leaves_nothing_to_reuse(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    engine = engine_for(runtime, **PREFIX_ON)
+    prompt = list(range(100, 130))
+    runtime.fail_with = -3
+    with pytest.raises(BackendError):
+        await collect(engine.submit(prompt, GREEDY, 3))
+    runtime.batches.clear()
+    await collect(engine.submit(prompt, GREEDY, 3))
+    assert prompt_positions(runtime, set(prompt)) == list(range(30))
+    assert engine.prefix_cache_stats().hits == 0
+
+
+async def test_memory_that_cannot_be_cut_is_decoded_again_whole(engine_for: Any) -> None:
+    runtime = FakeRuntime(slots=1)
+    runtime.can_cut = False  # what llama.cpp says for recurrent or sliding-window memory
+    engine = engine_for(runtime, **PREFIX_ON)
+    prompt = list(range(100, 130))
+    first = await collect(engine.submit(prompt, GREEDY, 3))
+    runtime.batches.clear()
+    again = await collect(engine.submit([*prompt[:20], 7], GREEDY, 3))
+    assert prompt_positions(runtime, set(prompt[:20])) == list(range(20))
+    assert engine.prefix_cache_stats().hits == 0
+    assert text_of(first) == "abc" and text_of(again) == "ijk"
+
+
+async def test_a_cancelled_stream_leaves_its_prompt_for_the_next_request(
+    engine_for: Any,
+) -> None:
+    runtime = FakeRuntime(slots=1, step_cost_s=0.001)
+    engine = engine_for(runtime, **PREFIX_ON)
+    prompt = list(range(100, 130))
+    stream = engine.submit(prompt, GREEDY, 1_000_000).chunks()
+    await anext(stream)
+    await stream.aclose()  # the client went away mid-stream
+    await collect(engine.submit([*prompt, 7], GREEDY, 2))
+    # Prompt and generated tokens stayed in the cells; only the new token is decoded.
+    assert [b for b in runtime.batches if (0, 7, 30, True) in b] == [[(0, 7, 30, True)]]
+    assert prompt_positions(runtime, set(prompt)) == list(range(30))  # fed once
+    assert runtime.kept[-1][:2] == (0, 30)

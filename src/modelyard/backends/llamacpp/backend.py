@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from modelyard.backends.llamacpp.engine import Engine, Generation
 from modelyard.backends.llamacpp.header import GGUFHeader, read_header
 from modelyard.backends.llamacpp.options import GGUFOptions
@@ -91,6 +93,8 @@ class GGUFBackend(Backend):
             engine = Engine(
                 runtime, max_queue=self.options.max_queue,
                 prefill_chunk=self.options.prefill_chunk, normalize=self.options.normalize,
+                prefix_cache=self.options.prefix_cache and self.task != Task.EMBEDDINGS,
+                min_prefix_tokens=self.options.min_prefix_tokens,
             )
             engine.start()
         except BaseException:
@@ -171,10 +175,28 @@ class GGUFBackend(Backend):
         }
         if self._template is not None:
             parameters["chat_template"] = self._template_origin
+        if engine.slots.prefix_cache:
+            stats = engine.prefix_cache_stats()
+            parameters["prefix_cache"] = {
+                "min_prefix_tokens": engine.slots.min_prefix_tokens,
+                **msgspec.structs.asdict(stats),
+            }
         return BackendInfo(
             inputs=[TensorSpec("text", "BYTES", (-1,))], outputs=outputs,
             parameters=parameters, platform="llama.cpp",
         )
+
+    def counters(self) -> dict[str, int]:
+        """Totals since load for a metrics scrape: requests, prefix-cache hits, tokens reused."""
+        if self._engine is None or not self._engine.slots.prefix_cache:
+            return {}
+        stats = self._engine.prefix_cache_stats()
+        return {
+            "prefix_cache_requests": stats.requests,
+            "prefix_cache_hits": stats.hits,
+            "prefix_cache_tokens_reused": stats.tokens_reused,
+            "prefix_cache_prompt_tokens": stats.prompt_tokens,
+        }
 
     # -- inference -----------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ requests into free sequence slots, then makes one ``llama_decode`` call holding 
 of every decoding sequence plus at most ``prefill_chunk`` prompt tokens of newcomers (the whole
 ``n_batch`` when nothing is decoding), samples each sequence with its own sampler chain, and
 hands text back to asyncio with ``loop.call_soon_threadsafe``. A finished or abandoned sequence
-frees its slot and KV cells before the next step, so a waiting request joins at once.
+frees its slot before the next step, so a waiting request joins at once. With the prefix cache
+on, the slot keeps its KV cells and the next request that shares a prefix with them decodes
+only the rest of its prompt (``slots.py`` picks the slot); otherwise the cells are cleared.
 
 The asyncio side (``Engine``) only queues commands (``queue.SimpleQueue``, thread-safe) and
 reads per-request ``asyncio.Queue``s; it never touches llama.cpp.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import heapq
 import logging
 import math
 import queue
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from modelyard.backends.llamacpp.runtime import BatchEntry, LlamaRuntime
+from modelyard.backends.llamacpp.slots import PrefixCacheStats, Slots
 from modelyard.core.errors import BackendError, QueueFullError, ServiceUnavailableError
 from modelyard.core.types import GenerationParams, StreamChunk
 
@@ -97,21 +99,29 @@ class _EmbedJob:
 class _Sequence:
     """A job holding a slot: its KV cells live under ``seq_id`` until it is released."""
 
-    __slots__ = ("decoder", "fed", "generated", "job", "last_token", "sampler", "seq_id", "stops")
+    __slots__ = ("decoder", "fed", "generated", "job", "last_token", "output", "sampler",
+                 "seq_id", "stops")
 
-    def __init__(self, job: _Job, seq_id: int, sampler: Any) -> None:
+    def __init__(self, job: _Job, seq_id: int, sampler: Any, reused: int) -> None:
         self.job = job
         self.seq_id = seq_id
         self.sampler = sampler
-        self.fed = 0  # tokens in the KV cache = position of the next token
+        self.fed = reused  # tokens in the KV cache = position of the next token
         self.last_token = -1
         self.generated = 0
+        self.output: list[int] = []  # sampled tokens, for what the slot's cells hold at the end
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(job.params.stop)
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.job.prompt)
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose KV cells this sequence has written: prompt, then fed output."""
+        tokens = self.job.prompt + self.output
+        del tokens[self.fed :]
+        return tokens
 
 
 class _Stop:
@@ -137,16 +147,17 @@ class _Scheduler:
         loop: asyncio.AbstractEventLoop,
         prefill_chunk: int,
         normalize: bool,
+        slots: Slots,
     ) -> None:
         self.rt = runtime
         self.commands = commands
         self.loop = loop
         self.prefill_chunk = prefill_chunk
         self.normalize = normalize
-        # A heap: a newcomer takes the lowest free id. With one KV stream per sequence,
-        # llama.cpp puts only consecutive sequence ids into one micro-batch, so {0, 5, 1, 7}
-        # costs a weight pass per run of ids each step; the lowest ids keep active ones dense.
-        self.free = list(range(runtime.n_seq_max))
+        # With one KV stream per sequence, llama.cpp puts only consecutive sequence ids into
+        # one micro-batch, so {0, 5, 1, 7} costs a weight pass per run of ids each step:
+        # ``Slots`` hands out ids that keep the active ones dense.
+        self.slots = slots
         self.waiting: collections.deque[_Job] = collections.deque()
         self.active: dict[int, _Sequence] = {}
         self.by_job: dict[_Job, _Sequence] = {}
@@ -196,7 +207,7 @@ class _Scheduler:
             pass  # already finished: nothing to free
 
     def _admit(self) -> None:
-        while self.free and self.waiting:
+        while self.slots.any_free and self.waiting:
             job = self.waiting.popleft()
             try:
                 sampler = self.rt.new_sampler(job.params)
@@ -205,16 +216,25 @@ class _Scheduler:
                 error = BackendError(f"sampler setup failed: {type(exc).__name__}: {exc}")
                 self.outbox.append((job.deliver, error))
                 continue
-            seq = _Sequence(job, heapq.heappop(self.free), sampler)
+            choice = self.slots.take(job.prompt, self.active)
+            reused = 0
+            if choice.cached:
+                # Drop the cells past the shared prefix (all of them without a hit).
+                reused = self.rt.keep_prefix(choice.seq_id, choice.reusable, choice.cached)
+            self.slots.started(choice.seq_id, reused, len(job.prompt))
+            seq = _Sequence(job, choice.seq_id, sampler, reused)
             self.active[seq.seq_id] = seq
             self.by_job[job] = seq
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, *, keep_cells: bool = True) -> None:
+        """Free the slot; its cells stay for the prefix cache unless they cannot be trusted."""
         self.active.pop(seq.seq_id, None)
         self.by_job.pop(seq.job, None)
-        self.rt.forget(seq.seq_id)
+        kept = seq.kv_tokens() if keep_cells and self.slots.prefix_cache else None
+        if kept is None:
+            self.rt.forget(seq.seq_id)
         self.rt.free_sampler(seq.sampler)
-        heapq.heappush(self.free, seq.seq_id)
+        self.slots.give_back(seq.seq_id, kept)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -291,6 +311,7 @@ class _Scheduler:
             return
         seq.generated += 1
         seq.last_token = token
+        seq.output.append(token)
         text, stopped = seq.stops.push(seq.decoder.decode(self.rt.piece(token)))
         if stopped:
             self._finish(seq, "stop", text)
@@ -311,7 +332,7 @@ class _Scheduler:
         self.outbox.append((seq.job.deliver, chunk))
 
     def _fail(self, seq: _Sequence, error: Exception) -> None:
-        self._release(seq)
+        self._release(seq, keep_cells=False)  # a failed decode leaves its cells unknown
         self.outbox.append((seq.job.deliver, error))
 
     def _flush_outbox(self) -> None:
@@ -367,6 +388,7 @@ class _Scheduler:
         finally:
             for seq_id in range(len(group)):
                 self.rt.forget(seq_id)
+                self.slots.forget(seq_id)
         return [_unit(v) for v in vectors] if self.normalize else vectors
 
     # -- shutdown ------------------------------------------------------------------------
@@ -432,13 +454,23 @@ class Engine:
     """The asyncio-facing side: admission control, commands to the thread, results back."""
 
     def __init__(
-        self, runtime: LlamaRuntime, *, max_queue: int, prefill_chunk: int, normalize: bool = True
+        self,
+        runtime: LlamaRuntime,
+        *,
+        max_queue: int,
+        prefill_chunk: int,
+        normalize: bool = True,
+        prefix_cache: bool = False,
+        min_prefix_tokens: int = 16,
     ) -> None:
         self.runtime = runtime
         self.capacity = runtime.n_seq_max + max_queue
         self.open = 0
         self._prefill_chunk = prefill_chunk
         self._normalize = normalize
+        self.slots = Slots(
+            runtime.n_seq_max, prefix_cache=prefix_cache, min_prefix_tokens=min_prefix_tokens
+        )
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._scheduler: _Scheduler | None = None
@@ -447,10 +479,14 @@ class Engine:
     def steps(self) -> int:
         return self._scheduler.steps if self._scheduler is not None else 0
 
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache counters (plain ints the engine thread bumps; safe to read here)."""
+        return self.slots.stats()
+
     def start(self) -> None:
         self._scheduler = _Scheduler(
             self.runtime, self._commands, asyncio.get_running_loop(), self._prefill_chunk,
-            self._normalize,
+            self._normalize, self.slots,
         )
         self._thread = threading.Thread(
             target=self._scheduler.run, name=f"llama.cpp engine {self.runtime.path.name}",

@@ -41,8 +41,15 @@ class GGUFOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     prefill_chunk: Annotated[int, Meta(ge=1)] = 256
     #: Flash attention: ``auto`` lets llama.cpp decide per device.
     flash_attn: Literal["auto", "on", "off"] = "auto"
-    #: One KV buffer shared by all slots (helps when prompts share long prefixes).
+    #: One KV buffer shared by all slots.
     kv_unified: bool = False
+    #: Keep a finished request's KV cells in its slot and reuse them for the next request
+    #: whose prompt starts the same way (llama-server's ``cache_prompt``): a request goes to
+    #: the free slot holding its longest prefix and decodes only the rest.
+    prefix_cache: bool = True
+    #: Shortest shared prefix, in tokens, that counts as a hit; shorter ones are not reused
+    #: (not worth sending a request to a slot and wiping the rest of its cached tokens).
+    min_prefix_tokens: Annotated[int, Meta(ge=1)] = 16
     #: A named chat format used instead of the file's template (or when it has none).
     chat_format: ChatFormat | None = None
     #: A Jinja chat template used instead of the file's (same sandbox and limits).

@@ -175,6 +175,9 @@ class LlamaRuntime:
         self.n_layer = int(lib.llama_model_n_layer(self.model))
         self.n_embd = int(lib.llama_model_n_embd(self.model))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
+        #: Sliding-window attention span (0: none); such a cache drops old cells.
+        n_swa = getattr(lib, "llama_model_n_swa", None)
+        self.n_swa = int(n_swa(self.model)) if n_swa is not None else 0
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.encoder_only = bool(
             lib.llama_model_has_encoder(self.model) and not lib.llama_model_has_decoder(self.model)
@@ -381,6 +384,28 @@ class LlamaRuntime:
             lib.llama_kv_self_seq_rm(self.ctx, seq, -1, -1)
         else:
             lib.llama_kv_cache_seq_rm(self.ctx, seq, -1, -1)
+
+    def keep_prefix(self, seq: int, keep: int, cached: int) -> int:
+        """Drop the KV cells of ``seq`` from position ``keep`` on; the cells still usable.
+
+        ``cached`` is how many positions the cells held. As llama-server does, the whole
+        sequence is cleared (0 returned) when llama.cpp cannot cut it there (recurrent or
+        hybrid memory) or when a sliding-window cache has already dropped cells that the
+        positions after ``keep`` need to attend to.
+        """
+        if keep <= 0 or self._memory is None:
+            self.forget(seq)
+            return 0
+        if keep < cached:
+            window = max(1, self.n_swa)  # no sliding window: every cell stays
+            pos_min = int(self.lib.llama_memory_seq_pos_min(self._memory, seq))
+            if pos_min < 0 or pos_min > max(0, keep - window):
+                self.forget(seq)
+                return 0
+        if not self._call["llama_memory_seq_rm"](self._memory, seq, keep, -1):
+            self.forget(seq)
+            return 0
+        return keep
 
     def sequence_embedding(self, seq: int, index: int) -> list[float]:
         """The pooled embedding of ``seq`` (or, unpooled, of batch entry ``index``)."""
