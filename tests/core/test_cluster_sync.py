@@ -259,3 +259,19 @@ async def test_a_version_removed_on_one_server_is_taken_out_of_service_on_the_ot
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_cluster_that_cannot_answer_at_start_leaves_the_config_serving(
+    settings: Settings, plugin_host: PluginHost, board: Board,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def unreachable(self: MemoryCluster, after_epoch: int, timeout_s: float) -> None:
+        raise ConnectionError("the coordinator is gone")
+
+    monkeypatch.setattr(MemoryCluster, "watch", unreachable)
+    a = await _started(settings, plugin_host)  # wait_until_loaded raised before
+    try:
+        assert _active(a) == "1" and a.ready()
+        assert "cannot read the cluster's routing" in caplog.text
+    finally:
+        await a.stop()

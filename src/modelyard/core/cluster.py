@@ -142,7 +142,12 @@ class ClusterLink:
     async def join(self, local: dict[str, ModelRouting]) -> None:
         """After loading: adopt the cluster's routing of models it knows (another server
         may have swapped them), publish ours for models it does not, then follow it."""
-        state = await self.cluster.watch(-1, timeout_s=0.0)
+        try:
+            state = await self.cluster.watch(-1, timeout_s=0.0)
+        except Exception:  # the follower keeps trying; this server serves its config meanwhile
+            log.exception("cannot read the cluster's routing; following it once it answers")
+            self.start()
+            return
         if state is not None:
             await self.apply(state)
         for model, routing in local.items():
