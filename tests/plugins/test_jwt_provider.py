@@ -51,18 +51,21 @@ async def test_a_valid_hs256_token_gives_its_principal() -> None:
     assert principal.tenant == "acme"
 
 
-@pytest.mark.parametrize(("claims", "key", "reason"), [
-    (_claims(aud="someone-else"), SECRET, "audience"),
-    (_claims(iss="https://evil.example.com/"), SECRET, "issuer"),
-    (_claims(exp=int(time.time()) - 3600), SECRET, "expired"),
-    (_claims(), "t" * 32, "signature"),
-    (_claims(aud=None), SECRET, "'aud' claim"),
-    (_claims(exp=None), SECRET, "'exp' claim"),
-    (_claims(nbf=int(time.time()) + 3600), SECRET, "not valid yet"),
+# Claims are built when the test runs, not when it is collected: a long suite would otherwise
+# let every token here expire first (each then refused as "token expired").
+@pytest.mark.parametrize(("overrides", "key", "reason"), [
+    (lambda now: {"aud": "someone-else"}, SECRET, "audience"),
+    (lambda now: {"iss": "https://evil.example.com/"}, SECRET, "issuer"),
+    (lambda now: {"exp": now - 3600}, SECRET, "expired"),
+    (lambda now: {}, "t" * 32, "signature"),
+    (lambda now: {"aud": None}, SECRET, "'aud' claim"),
+    (lambda now: {"exp": None}, SECRET, "'exp' claim"),
+    (lambda now: {"nbf": now + 3600}, SECRET, "not valid yet"),
 ])
 async def test_bad_tokens_are_refused_with_the_reason(
-    claims: dict[str, Any], key: str, reason: str
+    overrides: Any, key: str, reason: str
 ) -> None:
+    claims = _claims(**overrides(int(time.time())))
     with pytest.raises(UnauthorizedError, match=reason):
         await _auth(_hs(), jwt.encode(claims, key, algorithm="HS256"))
 
