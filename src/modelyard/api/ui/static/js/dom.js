@@ -21,9 +21,21 @@ function append(el, children) {
   }
 }
 
+// Live updates re-render whole tables: the control that had keyboard focus gets it back
+// (the same tag, text and label), or a keyboard user would be thrown out of the page.
 export function replace(el, ...children) {
+  const focused = document.activeElement;
+  const kept = focused && focused !== el && el.contains(focused)
+    ? [focused.tagName, focused.textContent, focused.getAttribute("aria-label")] : null;
   el.replaceChildren();
   append(el, children);
+  if (!kept) return;
+  for (const candidate of el.querySelectorAll(kept[0])) {
+    if (candidate.textContent === kept[1] && candidate.getAttribute("aria-label") === kept[2]) {
+      candidate.focus();
+      return;
+    }
+  }
 }
 
 export function $(id) {
