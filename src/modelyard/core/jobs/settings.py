@@ -27,8 +27,10 @@ class BatchSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, Meta(ge=1)] = 3
     #: Seconds before a retry, times the attempt number.
     retry_backoff_s: Annotated[float, Meta(ge=0)] = 1.0
-    #: The batch share: at most this many batch lines of all jobs in flight per model.
-    max_in_flight_per_model: Annotated[int, Meta(ge=1)] = 4
+    #: The batch share: at most this many batch lines of all jobs in flight per model. Each
+    #: line costs event-loop work while interactive requests run; raise it for a job's
+    #: throughput on a model that interactive traffic leaves idle.
+    max_in_flight_per_model: Annotated[int, Meta(ge=1)] = 2
     #: A batch line enters the pipeline only while fewer interactive requests than this wait
     #: in the model's queue (the batcher then serves it behind every interactive request).
     admit_below_queue_depth: Annotated[int, Meta(ge=1)] = 4
